@@ -1,0 +1,134 @@
+"""Distances between real and synthetic feature sets: FID, KID and precision/recall/density/coverage.
+
+Inputs are feature tables (N, D) from eval.features. FID and KID are computed by torchmetrics with a
+pass-through `feature` module, in float64. Precision, recall, density and coverage follow Naeem et al.
+2020, "Reliable Fidelity and Diversity Metrics for Generative Models", with k-nearest-neighbour balls
+in feature space.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import numpy as np
+import torch
+from torchmetrics.image.fid import FrechetInceptionDistance
+from torchmetrics.image.kid import KernelInceptionDistance
+
+from eval.features import PrecomputedFeatures
+from eval.records import TooFewSamplesError
+
+logger = logging.getLogger(__name__)
+
+
+def check_sample_count(metric: str, count: int, required: int, which: str, allow_small: bool,
+                       hard_minimum: int) -> None:
+    """Raise TooFewSamplesError when `count` < `required` (a warning with allow_small, down to `hard_minimum`)."""
+    if count >= required:
+        return
+    message = f"{metric} needs at least {required} {which} samples, got {count}"
+    if allow_small and count >= hard_minimum:
+        logger.warning("%s; computing anyway because --allow-small is set (the value is biased)", message)
+        return
+    fix = "" if count < hard_minimum else "; pass --allow-small to compute a biased value anyway"
+    raise TooFewSamplesError(message + fix)
+
+
+def standardize(real: np.ndarray, fake: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Z-score both feature sets with the real set's mean and standard deviation (std 0 -> 1)."""
+    mean = real.mean(axis=0)
+    std = real.std(axis=0)
+    std[std < 1e-12] = 1.0
+    return (real - mean) / std, (fake - mean) / std
+
+
+def frechet_distance(real: np.ndarray, fake: np.ndarray, allow_small: bool = False) -> float:
+    """Fréchet distance between Gaussians fitted to real (N, D) and fake (M, D) features.
+
+    d^2 = |mu_r - mu_f|^2 + Tr(S_r + S_f - 2 (S_r S_f)^(1/2)) (Heusel et al. 2017), float64.
+    Each set needs D + 1 samples for a full-rank covariance (2 with allow_small). Returns a value >= 0:
+    round-off below zero is clipped.
+    """
+    dim = real.shape[1]
+    check_sample_count("FID", len(real), dim + 1, f"real (feature dimension {dim})", allow_small, 2)
+    check_sample_count("FID", len(fake), dim + 1, f"synthetic (feature dimension {dim})", allow_small, 2)
+    metric = FrechetInceptionDistance(feature=PrecomputedFeatures(dim), normalize=False)
+    metric.update(torch.from_numpy(np.asarray(real, np.float64)), real=True)
+    metric.update(torch.from_numpy(np.asarray(fake, np.float64)), real=False)
+    value = float(metric.compute())
+    if not np.isfinite(value):
+        raise ValueError(f"FID is not finite ({value}) for {len(real)} real and {len(fake)} synthetic samples")
+    return max(value, 0.0)
+
+
+def kernel_distance(real: np.ndarray, fake: np.ndarray, subset_size: int, subsets: int, seed: int,
+                    allow_small: bool = False) -> tuple[float, float]:
+    """KID (Bińkowski et al. 2018): unbiased MMD^2 with a cubic polynomial kernel, mean and std over subsets.
+
+    Raises TooFewSamplesError when `subset_size` exceeds either set; with allow_small the subset size
+    shrinks to the smaller set (at least 2).
+    """
+    smallest = min(len(real), len(fake))
+    if subset_size > smallest:
+        which = "real" if len(real) < len(fake) else "synthetic"
+        message = f"KID subset size {subset_size} is larger than the {which} set ({smallest} samples)"
+        if not allow_small or smallest < 2:
+            fix = "; lower eval.distance.kid_subset_size or pass --allow-small" if smallest >= 2 else ""
+            raise TooFewSamplesError(message + fix)
+        logger.warning("%s; using subsets of %d because --allow-small is set", message, smallest)
+        subset_size = smallest
+    dim = real.shape[1]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
+        metric = KernelInceptionDistance(feature=PrecomputedFeatures(dim), subsets=subsets,
+                                         subset_size=subset_size, normalize=False)
+    metric.update(torch.from_numpy(np.asarray(real, np.float64)), real=True)
+    metric.update(torch.from_numpy(np.asarray(fake, np.float64)), real=False)
+    # torchmetrics draws the subsets from the global torch RNG; fork it so the seed applies here only.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        mean, std = metric.compute()
+    return float(mean), float(std)
+
+
+def _kth_neighbour_radius(features: np.ndarray, k: int) -> np.ndarray:
+    """Distance of each sample to its k-th nearest neighbour within the same set (self excluded)."""
+    distances = torch.cdist(torch.from_numpy(features), torch.from_numpy(features))
+    return distances.kthvalue(k + 1, dim=1).values.numpy()  # k + 1: the smallest is the sample itself
+
+
+def equalize_counts(real: np.ndarray, fake: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Subsample the larger set without replacement so both have the same count."""
+    count = min(len(real), len(fake))
+    if len(real) > count:
+        real = real[np.sort(rng.choice(len(real), count, replace=False))]
+    if len(fake) > count:
+        fake = fake[np.sort(rng.choice(len(fake), count, replace=False))]
+    return real, fake
+
+
+def precision_recall_density_coverage(real: np.ndarray, fake: np.ndarray, k: int,
+                                      allow_small: bool = False) -> dict[str, float]:
+    """Precision, recall, density and coverage of fake (M, D) against real (N, D) with k-NN balls.
+
+    Callers pass sets of equal size (see `equalize_counts`). Each set needs k + 1 samples; with
+    allow_small k shrinks to the set size - 1 (at least 1).
+    """
+    smallest = min(len(real), len(fake))
+    if smallest < k + 1:
+        check_sample_count(f"precision/recall/density/coverage with k={k}", smallest, k + 1,
+                           "real and synthetic", allow_small, 2)
+        k = smallest - 1
+    real64, fake64 = np.asarray(real, np.float64), np.asarray(fake, np.float64)
+    real_radius = _kth_neighbour_radius(real64, k)  # (N,)
+    fake_radius = _kth_neighbour_radius(fake64, k)  # (M,)
+    cross = torch.cdist(torch.from_numpy(real64), torch.from_numpy(fake64)).numpy()  # (N, M)
+
+    inside_real_balls = cross < real_radius[:, None]  # fake j inside the ball of real i
+    precision = inside_real_balls.any(axis=0).mean()
+    recall = (cross < fake_radius[None, :]).any(axis=1).mean()
+    density = inside_real_balls.sum(axis=0).mean() / k
+    coverage = (cross.min(axis=1) < real_radius).mean()
+    return {"precision": float(precision), "recall": float(recall), "density": float(density),
+            "coverage": float(coverage), "k": int(k), "n": int(smallest)}
