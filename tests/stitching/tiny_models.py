@@ -66,3 +66,67 @@ def random_cond(shape, tiling: Tiling, seed: int = 0) -> tuple[np.ndarray, np.nd
 
 
 CPU = torch.device("cpu")
+
+
+class StubGlobalSampler:
+    """The global sampler interface of ``patchgen.inference`` with an analytic layout.
+
+    The layout is a smooth ramp plus a little generator noise, so every level has structure.
+    ``fail_size`` makes ``sample_layout`` raise for that native size.
+    """
+
+    resolution = 16
+
+    def __init__(self, checkpoint_path, sizes=None, fail_size=None):
+        from patchgen.global_model import layout_level
+
+        self.labels = ["fractured", "non_fractured"]
+        self.sizes = sizes or {"fractured": [(100, 70), (61, 90)], "non_fractured": [(90, 61)]}
+        self.checkpoint_path = checkpoint_path
+        self.fail_size = fail_size
+        self._layout_level = layout_level
+
+    def draw_native_size(self, label, rng, min_megapixels=0.0):
+        sizes = [s for s in self.sizes[label] if s[0] * s[1] >= min_megapixels * 1e6]
+        return sizes[int(rng.integers(len(sizes)))]
+
+    def layout_level(self, native_size):
+        return self._layout_level(native_size, self.resolution)
+
+    def sample_layout(self, label, native_size, generator, steps=None, guidance_scale=None):
+        from patchgen.conditioning import level_shape
+
+        if tuple(native_size) == self.fail_size:
+            raise RuntimeError("layout sampling failed on purpose")
+        height, width = level_shape(native_size, self.layout_level(native_size))
+        ramp = np.add.outer(np.linspace(0.2, 0.5, height), np.linspace(0.0, 0.3, width))
+        noise = 0.05 * torch.rand((height, width), generator=generator).numpy()
+        return (ramp + noise).astype(np.float32)
+
+    def spacing_mm(self, label):
+        return 0.2
+
+
+class StubPatchSampler:
+    """The patch sampler interface of ``patchgen.inference`` around the tiny callables above."""
+
+    def __init__(self, checkpoint_path, kind="diffusion", patch_size=32, level_gap=1):
+        self.kind = kind
+        self.patch_size = patch_size
+        self.level_gap = level_gap
+        self.labels = ["fractured", "non_fractured"]
+        self.checkpoint_path = checkpoint_path
+        self.noise_channels = 2
+        self.prediction_type = "sample"
+
+    def label_index(self, label):
+        return self.labels.index(label)
+
+    def make_scheduler(self, steps=None):
+        return ddim(steps or 3)
+
+    def denoise_fn(self, x_t, cond, coords, mask, timestep, label, level):
+        return torch.tanh(cond + 0.05 * x_t)
+
+    def gan_fn(self, noise, cond, coords, mask, label, level):
+        return torch.tanh(cond + 0.05 * noise[:, :1])
