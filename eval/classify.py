@@ -72,17 +72,19 @@ def augment_batch(batch: torch.Tensor, generator: torch.Generator) -> torch.Tens
 
 
 def train_classifier(images: torch.Tensor, targets: torch.Tensor, classes: int, config: ClassifyConfig,
-                     seed: int) -> nn.Module:
-    """Train a classifier on images (N, 1, S, S) in [0, 1] with integer targets (N,).
+                     seed: int, device: torch.device | str = "cpu") -> nn.Module:
+    """Train a classifier on `device` from images (N, 1, S, S) in [0, 1] with integer targets (N,).
+
+    Images stay on the host and go to the device batch by batch.
 
     The cross-entropy is weighted by inverse class frequency so a minority class is not ignored.
     """
     generator = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):  # nn.Module initialisation draws from the global RNG
         torch.manual_seed(seed)
-        model = build_classifier(config.arch, classes, config.pretrained_path)
+        model = build_classifier(config.arch, classes, config.pretrained_path).to(device)
     counts = torch.bincount(targets, minlength=classes).double()
-    class_weight = (counts.sum() / torch.clamp(counts, min=1.0) / classes).float()
+    class_weight = (counts.sum() / torch.clamp(counts, min=1.0) / classes).float().to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     steps_per_epoch = math.ceil(len(images) / config.batch_size)
     model.train()
@@ -94,17 +96,19 @@ def train_classifier(images: torch.Tensor, targets: torch.Tensor, classes: int, 
             batch = images[index]
             if config.augment:
                 batch = augment_batch(batch, generator)
-            loss = F.cross_entropy(model(batch * 2.0 - 1.0), targets[index], weight=class_weight)
+            logits = model(batch.to(device) * 2.0 - 1.0)
+            loss = F.cross_entropy(logits, targets[index].to(device), weight=class_weight)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
             total += loss.item()
         logger.info("classifier epoch %d/%d mean loss %.4f", epoch + 1, config.epochs, total / steps_per_epoch)
-    recalibrate_batchnorm(model, images, config.batch_size)
+    recalibrate_batchnorm(model, images, config.batch_size, device)
     return model.eval()
 
 
-def recalibrate_batchnorm(model: nn.Module, images: torch.Tensor, batch_size: int) -> None:
+def recalibrate_batchnorm(model: nn.Module, images: torch.Tensor, batch_size: int,
+                          device: torch.device | str = "cpu") -> None:
     """Replace BatchNorm running statistics by their exact average over the training images.
 
     After a short training run the exponential running averages lag behind the weights, which skews
@@ -119,15 +123,17 @@ def recalibrate_batchnorm(model: nn.Module, images: torch.Tensor, batch_size: in
     model.train()
     with torch.no_grad():
         for start in range(0, len(images), batch_size):
-            model(images[start:start + batch_size] * 2.0 - 1.0)
+            model(images[start:start + batch_size].to(device) * 2.0 - 1.0)
 
 
 def predict_proba(model: nn.Module, images: torch.Tensor, batch_size: int = 64) -> np.ndarray:
-    """Class probabilities (N, C) of images (N, 1, S, S) in [0, 1]."""
+    """Class probabilities (N, C) of images (N, 1, S, S) in [0, 1], on the model's device."""
+    device = next(model.parameters()).device
     outputs = []
     with torch.no_grad():
         for start in range(0, len(images), batch_size):
-            outputs.append(F.softmax(model(images[start:start + batch_size] * 2.0 - 1.0), dim=1).double().numpy())
+            logits = model(images[start:start + batch_size].to(device) * 2.0 - 1.0)
+            outputs.append(F.softmax(logits, dim=1).double().cpu().numpy())
     return np.concatenate(outputs) if outputs else np.zeros((0, 0))
 
 

@@ -8,6 +8,16 @@ EXTRACTORS = ("radiomics", "encoder", "inception")
 CLASSIFIER_ARCHS = ("resnet10", "resnet18", "resnet34", "densenet121")
 
 
+def resolve_device(name: str) -> "torch.device":
+    """Return the torch device of the `device` setting, raising when CUDA is requested but missing."""
+    import torch
+
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r}: CUDA is not available here; pass --set device=cpu or use the cpu-tiny preset")
+    return device
+
+
 def _positive(name: str, value: int) -> None:
     if value <= 0:
         raise ValueError(f"{name} {value}: expected a positive value")

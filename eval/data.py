@@ -18,6 +18,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from preprocess.normalise import STORE_MAX
+from preprocess.pyramid import downsample_2x, level_shapes, shape_at_level
+
 logger = logging.getLogger(__name__)
 
 
@@ -43,12 +46,16 @@ class SyntheticImage:
     _levels: list[np.ndarray] = field(default_factory=list, repr=False)
 
     def level(self, level: int) -> np.ndarray:
-        """Return pyramid level `level` (H_l, W_l) float32 in [0, 1]; level 0 is the PNG."""
+        """Return pyramid level `level` (H_l, W_l) float32 in [0, 1]; level 0 is the PNG.
+
+        Levels are built with the store's own 2x filter (preprocess.pyramid.downsample_2x) on 16-bit
+        pixels, so real and synthetic pyramids differ only in content.
+        """
         if not self._levels:
-            self._levels.append(read_png(self.path))
+            self._levels.append(read_png_uint16(self.path))
         while len(self._levels) <= level:
-            self._levels.append(halve(self._levels[-1]))
-        return self._levels[level]
+            self._levels.append(downsample_2x(self._levels[-1]))
+        return self._levels[level].astype(np.float32) / STORE_MAX
 
     def level_shape(self, level: int) -> tuple[int, int]:
         """Return (H, W) of a level without building it when the sidecar lists it."""
@@ -57,10 +64,7 @@ class SyntheticImage:
             return int(shapes[level][0]), int(shapes[level][1])
         if self._levels or "height" not in self.sidecar:
             return self.level(level).shape
-        height, width = int(self.sidecar["height"]), int(self.sidecar["width"])
-        for _ in range(level):
-            height, width = (height + 1) // 2, (width + 1) // 2
-        return height, width
+        return shape_at_level(int(self.sidecar["height"]), int(self.sidecar["width"]), level)
 
     @property
     def tile_grid(self) -> dict[str, Any] | None:
@@ -68,14 +72,15 @@ class SyntheticImage:
         return self.sidecar.get("tile_grid")
 
 
-def read_png(path: Path) -> np.ndarray:
-    """Read an 8- or 16-bit greyscale PNG as (H, W) float32 in [0, 1]."""
+def read_png_uint16(path: Path) -> np.ndarray:
+    """Read an 8- or 16-bit greyscale PNG as (H, W) uint16 store pixels (8-bit values are scaled by 257)."""
     with Image.open(path) as image:
         array = np.asarray(image)
     if array.ndim == 3:
         raise ValueError(f"{path}: expected a greyscale PNG, got {array.shape[2]} channels")
-    scale = 65535.0 if array.dtype == np.uint16 or array.max() > 255 else 255.0
-    return (array.astype(np.float32) / scale).clip(0.0, 1.0)
+    if array.dtype == np.uint8:
+        return array.astype(np.uint16) * 257
+    return np.clip(array, 0, STORE_MAX).astype(np.uint16)
 
 
 def list_synthetic(directory: Path) -> list[SyntheticImage]:
@@ -100,15 +105,6 @@ def list_synthetic(directory: Path) -> list[SyntheticImage]:
     if not images:
         raise ValueError(f"--synthetic {directory}: no <name>.png with a <name>.json sidecar found")
     return images
-
-
-def halve(image: np.ndarray) -> np.ndarray:
-    """Return the next pyramid level: (ceil(H/2), ceil(W/2)), 2x2 box mean, odd edges replicated."""
-    tensor = torch.from_numpy(np.ascontiguousarray(image))[None, None]
-    pad_y, pad_x = image.shape[0] % 2, image.shape[1] % 2
-    if pad_y or pad_x:
-        tensor = F.pad(tensor, (0, pad_x, 0, pad_y), mode="replicate")
-    return F.avg_pool2d(tensor, 2)[0, 0].numpy()
 
 
 def square_view(image: np.ndarray, size: int) -> np.ndarray:
@@ -140,13 +136,9 @@ def real_view(store: StoreLike, image_id: str, levels: int, size: int) -> np.nda
     return square_view(store.read_level(image_id, level), size)
 
 
-def pyramid_shapes(height: int, width: int, min_size: int = 64) -> list[tuple[int, int]]:
-    """Return the level shapes of the store's pyramid rule: halve with ceil until the long side <= min_size."""
-    shapes = [(height, width)]
-    while max(shapes[-1]) > min_size:
-        h, w = shapes[-1]
-        shapes.append(((h + 1) // 2, (w + 1) // 2))
-    return shapes
+def pyramid_shapes(height: int, width: int) -> list[tuple[int, int]]:
+    """Return the level shapes that the store's pyramid rule gives a (height, width) image."""
+    return level_shapes(height, width)
 
 
 def synthetic_view(image: SyntheticImage, size: int) -> np.ndarray:

@@ -87,9 +87,10 @@ class LocalLPIPS(nn.Module):
 
     def forward(self, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
         """LPIPS distance (B,) between two batches (B, 1, H, W) in [0, 1]."""
-        scaled = [image.float().clamp(0, 1).repeat(1, 3, 1, 1) * 2.0 - 1.0 for image in (first, second)]
+        device = next(self.model.parameters()).device
+        scaled = [image.to(device).float().clamp(0, 1).repeat(1, 3, 1, 1) * 2.0 - 1.0 for image in (first, second)]
         with torch.no_grad():
-            return self.model(scaled[0], scaled[1]).flatten()
+            return self.model(scaled[0], scaled[1]).flatten().cpu()
 
 
 def lpips_pairs(model: LocalLPIPS, images: np.ndarray, pairs: np.ndarray, batch_size: int = 8) -> np.ndarray:

@@ -96,15 +96,16 @@ def nt_xent(first: torch.Tensor, second: torch.Tensor, temperature: float) -> to
     embeddings = F.normalize(torch.cat([first, second]), dim=1)  # (2B, D)
     logits = embeddings @ embeddings.T / temperature
     logits.fill_diagonal_(float("-inf"))
-    targets = torch.cat([torch.arange(count, 2 * count), torch.arange(0, count)])
+    targets = torch.cat([torch.arange(count, 2 * count), torch.arange(0, count)]).to(logits.device)
     return F.cross_entropy(logits, targets)
 
 
 def train_encoder(store: StoreLike, store_path: Path, config: EncoderConfig, seed: int,
-                  out: Path | None = None) -> Path:
+                  out: Path | None = None, device: torch.device | str = "cpu") -> Path:
     """Train the encoder on views of the store's training split and save it; returns its folder.
 
-    Training length is `config.duration` images (each seen as two augmented views).
+    Training length is `config.duration` images (each seen as two augmented views). Augmentation runs
+    on the host with a seeded generator; the network runs on `device`.
     """
     out = Path(out) if out else default_encoder_path(store_path)
     rng = np.random.default_rng(seed)
@@ -120,6 +121,8 @@ def train_encoder(store: StoreLike, store_path: Path, config: EncoderConfig, see
         encoder = Encoder(config.width, config.embedding_dim)
         head = nn.Sequential(nn.Linear(config.embedding_dim, config.embedding_dim), nn.SiLU(),
                              nn.Linear(config.embedding_dim, config.embedding_dim))
+    encoder.to(device)
+    head.to(device)
     optimizer = torch.optim.Adam([*encoder.parameters(), *head.parameters()], lr=config.learning_rate)
     batch_size = min(config.batch_size, len(views))
     steps = max(1, math.ceil(config.duration / batch_size))
@@ -127,17 +130,17 @@ def train_encoder(store: StoreLike, store_path: Path, config: EncoderConfig, see
     for step in range(steps):
         index = torch.randperm(len(views), generator=generator)[:batch_size]
         batch = views[index]
-        loss = nt_xent(head(encoder(augment(batch, generator))), head(encoder(augment(batch, generator))),
-                       config.temperature)
+        first, second = augment(batch, generator).to(device), augment(batch, generator).to(device)
+        loss = nt_xent(head(encoder(first)), head(encoder(second)), config.temperature)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         losses.append(float(loss))
         if step % 20 == 0 or step == steps - 1:
-            logger.info("encoder step %d/%d images %d loss %.4f", step + 1, steps, (step + 1) * batch_size, loss)
+            logger.info("encoder step %d/%d images %d loss %.4f", step + 1, steps, (step + 1) * batch_size, losses[-1])
 
     out.mkdir(parents=True, exist_ok=True)
-    save_file(encoder.state_dict(), str(out / "model.safetensors"))
+    save_file({k: v.cpu() for k, v in encoder.state_dict().items()}, str(out / "model.safetensors"))
     info = {"config": asdict(config), "seed": seed, "train_images": len(rows), "steps": steps,
             "final_loss": losses[-1], "store": str(Path(store_path).resolve())}
     (out / "config.json").write_text(json.dumps(info, indent=2) + "\n")

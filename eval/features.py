@@ -158,15 +158,17 @@ def build_extractor(name: str, feature_config, encoder_path: Path | None = None)
     raise ValueError(f"unknown feature extractor {name!r}; expected radiomics, encoder or inception")
 
 
-def extract_features(extractor: nn.Module, images: np.ndarray, batch_size: int) -> np.ndarray:
-    """Run `extractor` over images (N, H, W) in [0, 1] in batches; returns (N, D) float64."""
+def extract_features(extractor: nn.Module, images: np.ndarray, batch_size: int,
+                     device: torch.device | str = "cpu") -> np.ndarray:
+    """Run `extractor` over images (N, H, W) in [0, 1] in batches on `device`; returns (N, D) float64."""
     if len(images) == 0:
         return np.zeros((0, extractor.num_features), np.float64)
     outputs = []
+    extractor.to(device)
     with torch.no_grad():
         for start in range(0, len(images), batch_size):
             batch = torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size], np.float32))[:, None]
-            outputs.append(extractor(batch).double().cpu().numpy())
+            outputs.append(extractor(batch.to(device)).double().cpu().numpy())
     features = np.concatenate(outputs)
     if not np.isfinite(features).all():
         raise ValueError(f"{extractor.name} features contain non-finite values")
