@@ -152,6 +152,45 @@ def train_patch_command(store, out, preset, overrides, duration, device, dry_run
 
 
 # --- synthesize command ---
+def _size_option(ctx, param, value):
+    """Validate --size: native or HxW with positive integers."""
+    import re
+
+    if value is None or value == "native":
+        return value
+    match = re.fullmatch(r"(\d+)x(\d+)", value)
+    if match is None or int(match.group(1)) < 1 or int(match.group(2)) < 1:
+        raise click.BadParameter(f"{value!r} is invalid; use native or HxW in pixels, e.g. 2048x1536")
+    return value
+
+
+def _format_option(ctx, param, value):
+    """Validate --format: a comma-separated subset of png, dicom, zarr."""
+    from stitching.config import OUTPUT_FORMATS
+
+    if value is None:
+        return None
+    formats = [item.strip() for item in value.split(",") if item.strip()]
+    unknown = [item for item in formats if item not in OUTPUT_FORMATS]
+    if unknown or not formats:
+        raise click.BadParameter(f"{value!r} is invalid; use a comma-separated list of "
+                                 f"{', '.join(OUTPUT_FORMATS)}")
+    return formats
+
+
+def _shard_option(ctx, param, value):
+    """Validate --shard K/N with 0 <= K < N."""
+    if value is None:
+        return None
+    try:
+        index, count = (int(part) for part in value.split("/"))
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is invalid; use K/N, e.g. 0/4") from None
+    if not 0 <= index < count:
+        raise click.BadParameter(f"{value!r} is invalid; K must be in [0, N)")
+    return index, count
+
+
 @main.command("synthesize")
 @click.option("--global", "global_run", required=True,
               type=click.Path(exists=True, file_okay=False, path_type=Path),
@@ -160,19 +199,63 @@ def train_patch_command(store, out, preset, overrides, duration, device, dry_run
               type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Run folder of train-patch.")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Output folder for images and their JSON sidecars.")
-@click.option("--n", "count", default=2, type=click.IntRange(1), help="Number of images.")
+              help="Output folder for images and their JSON sidecars. Rerunning skips images "
+                   "that are already complete.")
+@click.option("--n", "count", default=None, type=click.IntRange(1),
+              help="Number of images; sets n. Default: the preset's n.")
 @click.option("--label", default=None,
-              help="Class of every image. Default: labels in turn, so each label appears.")
-@click.option("--size", default="native",
-              help="native (drawn from the training sizes of the label) or HxW in pixels.")
-@click.option("--seed", default=0, type=int, help="Run seed; image i uses (seed, i).")
+              help="Class of every image; sets label. Default: labels in turn, so each appears.")
+@click.option("--size", default=None, callback=_size_option,
+              help="native (drawn from the training sizes of the label) or HxW in pixels; "
+                   "sets size. Default: the preset's size (native).")
+@click.option("--seed", default=None, type=click.IntRange(0),
+              help="Run seed; image i draws everything from (seed, i). Default: the preset's seed.")
+@click.option("--min-megapixels", default=None, type=click.FloatRange(0),
+              help="With --size native, draw only training sizes of at least this many "
+                   "megapixels; sets min_megapixels.")
+@click.option("--tile-batch", default=None, type=click.IntRange(1),
+              help="Tiles per model call; device memory grows with it, the images do not "
+                   "change. Sets canvas.tile_batch.")
+@click.option("--format", "formats", default=None, callback=_format_option,
+              help="Comma-separated output formats: png, dicom, zarr. Sets output.formats.")
+@click.option("--device", default=None,
+              help="torch device, e.g. cpu, cuda or cuda:1; sets device. Default: cuda when "
+                   "available, else cpu.")
+@click.option("--shard", default=None, callback=_shard_option,
+              help="K/N: write only the images i with i % N == K, e.g. one process per GPU. "
+                   "Images are the same as in an unsharded run.")
 @click.option("--config", "preset", default=None, help=CONFIG_HELP)
 @click.option("--set", "overrides", multiple=True, help=SET_HELP)
-def synthesize_command(global_run, patch_run, out, count, label, size, seed, preset,
-                       overrides) -> None:
-    """Synthesize native-size radiographs tile by tile."""
-    raise click.UsageError("synthesize is not implemented yet")
+@click.option("--dry-run", is_flag=True, help="Print the resolved config and stop.")
+def synthesize_command(global_run, patch_run, out, count, label, size, seed, min_megapixels,
+                       tile_batch, formats, device, shard, preset, overrides, dry_run) -> None:
+    """Synthesize native-size radiographs tile by tile.
+
+    Exits with status 1 when any image failed; the other images are still written.
+    """
+    from stitching.config import SynthConfig
+    from stitching.synthesize import synthesize
+
+    # Options are applied as --set overrides, JSON-quoted so YAML keeps strings as strings.
+    options = {"n": count, "label": label, "size": size, "seed": seed,
+               "min_megapixels": min_megapixels, "canvas.tile_batch": tile_batch,
+               "output.formats": formats, "device": device,
+               "shard_index": shard[0] if shard else None,
+               "shard_count": shard[1] if shard else None}
+    extra = tuple(f"{key}={json.dumps(value)}" for key, value in options.items() if value is not None)
+    config = _load_config(SynthConfig, "synth", preset, tuple(overrides) + extra)
+    if dry_run:
+        _echo_config(config)
+        return
+
+    try:
+        summary = synthesize(global_run, patch_run, out, config)
+    except (FileNotFoundError, ValueError) as error:
+        raise click.ClickException(str(error)) from error
+    click.echo(str(summary))
+    click.echo(f"synthetic images: {out}")
+    if summary.failed:
+        sys.exit(1)
 # --- end synthesize command ---
 
 
