@@ -1,0 +1,237 @@
+"""Writing a pyramid store: chunk layout, crash-safe image groups, root creation and locking.
+
+An image is written as a complete Zarr group under ``.partial/`` and then renamed into
+``images/<image_id>``; a rename within one file system is atomic, so a build killed at any moment
+leaves either a complete image or a leftover under ``.partial/``, which the next build deletes.
+A rename onto an existing image (the same content written twice) is dropped as a duplicate.
+
+Chunks: inner chunks of ``chunk_size`` pixels (256 by default: a random 64..256 pixel patch
+touches 1 to 4 of them) inside Zarr v3 shards of up to ``shard_size`` pixels, so a level of up to
+4096 x 4096 pixels is one file. Compression: Blosc with zstd and bit shuffle by default.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import math
+import os
+import secrets
+import shutil
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from preprocess.errors import StoreError
+from preprocess.ngff import AXIS_NAMES
+from preprocess.store import (IMAGES_GROUP, PARTIAL_FOLDER, ZARR_V3_METADATA, check_zarr_format,
+                              image_group_path)
+
+STORE_FORMAT_VERSION = 1
+LOCK_NAME = ".build.lock"
+COMPRESSIONS = ("blosc-zstd", "zstd", "none")
+
+
+@dataclass(frozen=True)
+class ChunkLayout:
+    """Chunking, sharding and compression of every level array.
+
+    Attributes:
+        chunk_size: inner chunk side in pixels (16..4096).
+        shard_size: shard side in pixels, a multiple of chunk_size; 0 writes no shards.
+        compression: "blosc-zstd" (bit shuffle), "zstd" or "none".
+        compression_level: codec level (1..9 for blosc-zstd, 1..22 for zstd).
+    """
+
+    chunk_size: int = 256
+    shard_size: int = 4096
+    compression: str = "blosc-zstd"
+    compression_level: int = 3
+
+    def __post_init__(self) -> None:
+        if not 16 <= self.chunk_size <= 4096:
+            raise ValueError(f"chunk_size={self.chunk_size} is invalid; use 16..4096 pixels")
+        if self.shard_size and self.shard_size % self.chunk_size:
+            raise ValueError(f"shard_size={self.shard_size} is invalid; use 0 or a multiple of "
+                             f"chunk_size={self.chunk_size}")
+        if self.compression not in COMPRESSIONS:
+            raise ValueError(f"compression={self.compression!r} is invalid; use one of "
+                             f"{COMPRESSIONS}")
+        highest = 9 if self.compression == "blosc-zstd" else 22
+        if self.compression != "none" and not 1 <= self.compression_level <= highest:
+            raise ValueError(f"compression_level={self.compression_level} is invalid for "
+                             f"{self.compression}; use 1..{highest}")
+
+    def compressors(self) -> list[Any]:
+        """Return the Zarr v3 compressor codecs."""
+        from zarr.codecs import BloscCodec, ZstdCodec
+
+        if self.compression == "blosc-zstd":
+            return [BloscCodec(cname="zstd", clevel=self.compression_level, shuffle="bitshuffle",
+                               typesize=2)]
+        if self.compression == "zstd":
+            return [ZstdCodec(level=self.compression_level)]
+        return []
+
+    def array_shapes(self, shape: tuple[int, int]) -> tuple[tuple[int, int],
+                                                            tuple[int, int] | None]:
+        """Return (inner chunk shape, shard shape or None) for a level of ``shape``."""
+        chunks = (min(self.chunk_size, shape[0]), min(self.chunk_size, shape[1]))
+        if not self.shard_size or chunks == shape:
+            return chunks, None
+        shards = tuple(min(self.shard_size, math.ceil(size / chunk) * chunk)
+                       for size, chunk in zip(shape, chunks))
+        return chunks, (shards[0], shards[1])
+
+
+def write_image_group(store: Path, image_id: str, levels: list[np.ndarray],
+                      attributes: dict[str, Any], layout: ChunkLayout) -> bool:
+    """Write one multiscale image group and move it into place.
+
+    Args:
+        store: the store folder (root and images/ must exist).
+        image_id: name of the group under images/.
+        levels: (H_k, W_k) uint16 arrays, level 0 first.
+        attributes: group attributes ("ome" and "femurgen").
+        layout: chunking and compression.
+    Returns:
+        True when written, False when an image with this id was already in place.
+    """
+    import zarr
+
+    partial = store / PARTIAL_FOLDER / f"{image_id}-{os.getpid()}-{secrets.token_hex(4)}"
+    try:
+        group = zarr.open_group(str(partial), mode="w", zarr_format=3, attributes=attributes)
+        for level, pixels in enumerate(levels):
+            chunks, shards = layout.array_shapes(pixels.shape)
+            array = group.create_array(name=str(level), shape=pixels.shape, dtype="uint16",
+                                       chunks=chunks, shards=shards,
+                                       compressors=layout.compressors(), fill_value=0,
+                                       dimension_names=AXIS_NAMES)
+            array[...] = pixels
+        return _move_into_place(partial, image_group_path(store, image_id))
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+
+
+def _move_into_place(partial: Path, final: Path) -> bool:
+    """Rename a finished group folder to its final name; False if that name already exists."""
+    try:
+        os.rename(partial, final)
+    except OSError as error:
+        if error.errno in (errno.ENOTEMPTY, errno.EEXIST) and final.exists():
+            return False
+        raise
+    return True
+
+
+def prepare_store(store: Path, pixel_options: dict[str, Any]) -> None:
+    """Create a new store, or check that an existing one was built with ``pixel_options``.
+
+    Raises:
+        StoreError: ``store`` exists and is not a Zarr v3 pyramid store, or it was built with
+            other pixel options (which would mix two pixel conventions in one store).
+    """
+    if store.exists() and any(entry.name != LOCK_NAME for entry in store.iterdir()):
+        if not (store / ZARR_V3_METADATA).exists() and not (store / ".zgroup").exists():
+            raise StoreError(f"{store} exists and is not a pyramid store (no {ZARR_V3_METADATA});"
+                             " choose a new or empty --out folder")
+        check_zarr_format(store, deep=True)
+        stored = read_store_attributes(store).get("pixel_options")
+        if stored != pixel_options:
+            raise StoreError(_options_mismatch_message(store, stored, pixel_options))
+        (store / IMAGES_GROUP).mkdir(exist_ok=True)
+        if not (store / IMAGES_GROUP / ZARR_V3_METADATA).exists():
+            _create_images_group(store)
+        return
+    _create_root(store, pixel_options)
+
+
+def _create_root(store: Path, pixel_options: dict[str, Any]) -> None:
+    """Write the root group with the format version and pixel options, and the images group."""
+    import zarr
+
+    attributes = {"femurgen": {"format_version": STORE_FORMAT_VERSION,
+                               "pixel_options": pixel_options}}
+    zarr.open_group(str(store), mode="w", zarr_format=3, attributes=attributes)
+    _create_images_group(store)
+
+
+def _create_images_group(store: Path) -> None:
+    """Create the empty ``images`` group."""
+    import zarr
+
+    zarr.open_group(str(store / IMAGES_GROUP), mode="w", zarr_format=3)
+
+
+def read_store_attributes(store: Path) -> dict[str, Any]:
+    """Return the root group's ``femurgen`` attribute (empty when absent)."""
+    try:
+        metadata = json.loads((store / ZARR_V3_METADATA).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise StoreError(f"cannot read {store / ZARR_V3_METADATA}: {error}") from None
+    return metadata.get("attributes", {}).get("femurgen", {})
+
+
+def _options_mismatch_message(store: Path, stored: Any, requested: dict[str, Any]) -> str:
+    """Describe which pixel options differ between a store and a build request."""
+    if not isinstance(stored, dict):
+        return (f"store {store} has no femurgen build options; it was not made by `pyramid "
+                "build`. Use a new --out folder")
+    changed = [f"{key}: store {stored.get(key)!r}, requested {value!r}"
+               for key, value in requested.items() if stored.get(key) != value]
+    return (f"store {store} was built with other pixel options ({'; '.join(changed)}); rerun "
+            "with the store's options or build into a new --out folder")
+
+
+def layout_options(layout: ChunkLayout) -> dict[str, Any]:
+    """Return the layout as JSON-ready pixel options."""
+    return asdict(layout)
+
+
+@contextlib.contextmanager
+def build_lock(store: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the store for one build; StoreError if another build holds it."""
+    store.mkdir(parents=True, exist_ok=True)
+    with open(store / LOCK_NAME, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise StoreError(f"another `pyramid build` is writing to {store}; wait for it to "
+                             "finish") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def remove_partial_images(store: Path) -> int:
+    """Delete images left under ``.partial/`` by interrupted builds; return how many."""
+    partial = store / PARTIAL_FOLDER
+    if not partial.exists():
+        return 0
+    leftovers = list(partial.iterdir())
+    shutil.rmtree(partial)
+    return len(leftovers)
+
+
+def read_image_records(store: Path) -> dict[str, dict[str, Any]]:
+    """Return the ``femurgen`` attribute of every complete image group, by image id."""
+    records: dict[str, dict[str, Any]] = {}
+    images = store / IMAGES_GROUP
+    if not images.exists():
+        return records
+    for folder in sorted(images.iterdir()):
+        metadata_path = folder / ZARR_V3_METADATA
+        if not folder.is_dir() or not metadata_path.exists():
+            continue
+        metadata = json.loads(metadata_path.read_text(encoding="utf-8"))
+        record = metadata.get("attributes", {}).get("femurgen")
+        if isinstance(record, dict) and record.get("image_id") == folder.name:
+            records[folder.name] = record
+    return records
