@@ -1,0 +1,111 @@
+"""Label tables: which label (and optionally patient and site) belongs to which input file.
+
+A label table is a CSV with a file column (path relative to the CSV's folder, such as
+``images/IMG0000002.jpg``) and a label column. An input file is matched by its path relative to
+the CSV's folder; when that fails, by its file name, if exactly one row has that name.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import posixpath
+from dataclasses import dataclass
+from pathlib import Path
+
+from preprocess.catalog import UNLABELED
+
+
+@dataclass(frozen=True)
+class LabelEntry:
+    """Label-table values of one file; patient and site are None when no column was named."""
+
+    label: str
+    patient: str | None
+    site: str | None
+
+
+class LabelTable:
+    """A label CSV indexed by relative path and by file name."""
+
+    def __init__(self, csv_path: Path, file_column: str = "file", label_column: str = "label",
+                 patient_column: str | None = None, site_column: str | None = None) -> None:
+        self.csv_path = csv_path
+        self.folder = csv_path.resolve().parent
+        records, columns = _read_records(csv_path)
+        _require_columns(csv_path, columns, {"--file-column": file_column,
+                                             "--label-column": label_column,
+                                             "--patient-column": patient_column,
+                                             "--site-column": site_column})
+        self._by_path: dict[str, LabelEntry] = {}
+        for number, record in enumerate(records, start=2):
+            key = normalise_key(record.get(file_column) or "")
+            if not key:
+                continue
+            entry = LabelEntry(label=(record.get(label_column) or "").strip() or UNLABELED,
+                               patient=_optional(record, patient_column),
+                               site=_optional(record, site_column))
+            previous = self._by_path.get(key)
+            if previous is not None and previous != entry:
+                raise ValueError(f"{csv_path} line {number}: file {key} appears twice with "
+                                 "different values; keep one row per file")
+            self._by_path[key] = entry
+        self._by_name = _index_by_name(self._by_path)
+        self._matched: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self._by_path)
+
+    def lookup(self, path: Path) -> LabelEntry | None:
+        """Return the entry of an input file, or None when no row matches it."""
+        relative = os.path.relpath(path.resolve(), self.folder)
+        key = normalise_key(relative) if not relative.startswith("..") else ""
+        if key not in self._by_path:
+            key = self._by_name.get(path.name) or ""
+        entry = self._by_path.get(key)
+        if entry is not None:
+            self._matched.add(key)
+        return entry
+
+    def unmatched_count(self) -> int:
+        """Return how many rows matched no input file in the lookups so far."""
+        return len(self._by_path) - len(self._matched)
+
+
+def normalise_key(text: str) -> str:
+    """Return a relative path as a normalised POSIX string (backslashes and ./ removed)."""
+    text = text.strip().replace("\\", "/")
+    if not text:
+        return ""
+    return posixpath.normpath(text).lstrip("/")
+
+
+def _read_records(csv_path: Path) -> tuple[list[dict[str, str]], list[str]]:
+    """Read CSV rows (a UTF-8 byte order mark is dropped) and the header."""
+    with open(csv_path, newline="", encoding="utf-8-sig") as stream:
+        reader = csv.DictReader(stream)
+        records = list(reader)
+        return records, list(reader.fieldnames or [])
+
+
+def _require_columns(csv_path: Path, columns: list[str], wanted: dict[str, str | None]) -> None:
+    """Raise ValueError naming the option when a requested column is missing."""
+    for option, column in wanted.items():
+        if column is not None and column not in columns:
+            raise ValueError(f"{option} {column!r} is not a column of {csv_path}; its columns "
+                             f"are {', '.join(columns)}")
+
+
+def _optional(record: dict[str, str], column: str | None) -> str | None:
+    """Return a stripped optional column value (None when no column or empty)."""
+    if column is None:
+        return None
+    return (record.get(column) or "").strip() or None
+
+
+def _index_by_name(by_path: dict[str, LabelEntry]) -> dict[str, str]:
+    """Return file name -> key for names that occur in exactly one row."""
+    counts: dict[str, list[str]] = {}
+    for key in by_path:
+        counts.setdefault(posixpath.basename(key), []).append(key)
+    return {name: keys[0] for name, keys in counts.items() if len(keys) == 1}
