@@ -58,35 +58,152 @@ def main(verbose: bool) -> None:
 # --- pyramid commands ---
 @main.group()
 def pyramid() -> None:
-    """Build and inspect OME-Zarr pyramid stores of radiographs."""
+    """Build, describe and verify OME-Zarr pyramid stores of radiographs."""
+
+
+def _store_errors():
+    """Return the exception types that pyramid commands report as usage errors."""
+    from preprocess.errors import StoreError
+
+    return (StoreError, ValueError, FileNotFoundError)
 
 
 @pyramid.command("build")
-@click.argument("sources", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
-@click.option("--out", required=True, type=click.Path(path_type=Path),
-              help="Output store folder, e.g. data/store.zarr. Rerunning resumes it.")
+@click.argument("sources", nargs=-1, required=True,
+                type=click.Path(exists=True, path_type=Path))
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Store folder (STORE.zarr). Rerunning the same command resumes it and skips "
+                   "images already built.")
 @click.option("--labels", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="CSV with a file column (path relative to the CSV) and a label column.")
-@click.option("--label-column", default="label", help="Column of --labels that holds the class.")
-@click.option("--workers", default=1, type=click.IntRange(1, 256),
-              help="Parallel decode-and-write processes.")
-def pyramid_build(sources, out, labels, label_column, workers) -> None:
-    """Decode radiographs in SOURCES (files or folders) into a pyramid store."""
+              help="Label CSV with a file column (path relative to the CSV's folder) and a label "
+                   "column. Without it every image is labelled 'unlabeled'.")
+@click.option("--label-column", default="label", help="Column of --labels with the class name.")
+@click.option("--file-column", default="file",
+              help="Column of --labels with the file path relative to the CSV's folder; files "
+                   "are matched by that path, else by file name.")
+@click.option("--patient-column", default=None,
+              help="Column of --labels with a patient identifier (stored only as a salted hash). "
+                   "Default: DICOM PatientID, else one patient per file.")
+@click.option("--site-column", default=None,
+              help="Column of --labels with the site (hospital); stored as a salted hash.")
+@click.option("--workers", default=1, type=click.IntRange(0, 256),
+              help="Worker processes that decode and write in parallel; 0 runs in this process "
+                   "(no protection against decoder crashes).")
+@click.option("--voi", type=click.Choice(["first", "none"]), default="first",
+              help="DICOM VOI transform: the first VOI LUT or window as pydicom applies it, or "
+                   "none (modality values scaled to the range of the stored bits).")
+@click.option("--max-megapixels", type=click.FloatRange(min=0, min_open=True), default=60.0,
+              help="Reject images above this many megapixels per frame, checked from the header "
+                   "before decoding.")
+@click.option("--multiframe", type=click.Choice(["each", "refuse"]), default="each",
+              help="Multi-frame files: each frame becomes an image, or the file fails.")
+@click.option("--h5-dataset", default=None,
+              help="Dataset path inside HDF5 files ((H, W) or (N, H, W)). Default: the only "
+                   "image-shaped dataset.")
+@click.option("--spacing-mm", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Resample every image to this pixel spacing in mm (images of unknown spacing "
+                   "fail). Default: keep native pixels.")
+@click.option("--min-size", type=click.IntRange(1), default=64,
+              help="The pyramid ends at the first level whose long side is at most this many "
+                   "pixels.")
+@click.option("--chunk-size", type=click.IntRange(16, 4096), default=256,
+              help="Zarr chunk side in pixels (the unit of a patch read).")
+@click.option("--shard-size", type=click.IntRange(0), default=4096,
+              help="Zarr v3 shard side in pixels, a multiple of --chunk-size; 0 writes no shards.")
+@click.option("--compression", type=click.Choice(["blosc-zstd", "zstd", "none"]),
+              default="blosc-zstd", help="Chunk compression (blosc-zstd uses bit shuffle).")
+@click.option("--compression-level", type=click.IntRange(1, 22), default=3,
+              help="Compression level (1..9 for blosc-zstd, 1..22 for zstd).")
+@click.option("--split", "split", default="0.8,0.1,0.1",
+              help="Train,val,test shares of patients, per label.")
+@click.option("--split-seed", type=int, default=0, help="Seed of the patient split.")
+@click.option("--salt", envvar="FEMURGEN_SALT", show_envvar=True, default=None,
+              help="Secret key of the pseudonymous patient and image ids; never stored. Needed "
+                   "for DICOM inputs and --patient-column. Keep it the same for every build.")
+@click.option("--manifest", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="CSV (outside the store) that maps file keys and image ids to your input "
+                   "paths. The store itself holds no paths.")
+@click.option("--strict", is_flag=True,
+              help="Exit with status 1 when any file failed (default: 0, failures are listed).")
+@click.option("--dry-run", is_flag=True, help="Print the resolved options and stop.")
+def pyramid_build(sources, out, labels, label_column, workers, strict, dry_run,
+                  **options) -> None:
+    """Decode radiographs in SOURCES (files or folders, searched recursively) into STORE.zarr.
+
+    DICOM, PNG, JPEG, TIFF, HDF5 and OpenSlide files are read; files of other types in folders
+    are ignored. Failing files are listed in STORE.zarr/failed.csv by file key (sha256: and the
+    first 16 hex digits of the file's SHA-256) and the build goes on.
+    """
     from preprocess.build import build_store
 
-    summary = build_store(list(sources), out, labels_csv=labels, label_column=label_column,
-                          workers=workers)
+    if dry_run:
+        shown = {key: value for key, value in options.items() if key != "salt"}
+        shown.update(sources=[str(source) for source in sources], out=str(out),
+                     labels=str(labels) if labels else None, label_column=label_column,
+                     workers=workers, salt="(set)" if options.get("salt") else None)
+        click.echo(json.dumps(shown, indent=2, default=str))
+        return
+    try:
+        with _progress_bar("files") as progress:
+            summary = build_store(list(sources), out, labels_csv=labels,
+                                  label_column=label_column, workers=workers,
+                                  progress=progress, **options)
+    except _store_errors() as error:
+        raise click.UsageError(str(error)) from error
     click.echo(str(summary))
+    if summary.failed and not options.get("manifest"):
+        click.echo("rerun with --manifest PATH to map the file keys to your files")
+    sys.exit(summary.exit_code(strict))
 
 
 @pyramid.command("info")
 @click.argument("store", type=click.Path(exists=True, file_okay=False, path_type=Path))
 def pyramid_info(store) -> None:
-    """Print counts per label and split, the size range and failures of STORE."""
-    from preprocess.store import PyramidStore
+    """Print image counts per label and split, the size range and failures of STORE."""
+    from preprocess.verify import store_info
 
-    rows = PyramidStore(store).rows()
-    click.echo(f"{len(rows)} images")
+    try:
+        click.echo(str(store_info(store)))
+    except _store_errors() as error:
+        raise click.UsageError(str(error)) from error
+
+
+@pyramid.command("verify")
+@click.argument("store", type=click.Path(exists=True, file_okay=False, path_type=Path))
+def pyramid_verify(store) -> None:
+    """Re-read every level of STORE and check shapes, metadata and checksums (status 1 on
+    problems)."""
+    from preprocess.verify import verify_store
+
+    try:
+        with _progress_bar("images") as progress:
+            report = verify_store(store, progress=progress)
+    except _store_errors() as error:
+        raise click.UsageError(str(error)) from error
+    click.echo(str(report))
+    sys.exit(0 if report.ok else 1)
+
+
+class _progress_bar:
+    """A tqdm progress bar on stderr driven by progress(done, total) callbacks."""
+
+    def __init__(self, unit: str) -> None:
+        self.unit = unit
+        self.bar = None
+
+    def __enter__(self):
+        return self.update
+
+    def update(self, done: int, total: int) -> None:
+        from tqdm import tqdm
+
+        if self.bar is None:
+            self.bar = tqdm(total=total, unit=self.unit, file=sys.stderr, leave=False)
+        self.bar.update(done - self.bar.n)
+
+    def __exit__(self, *exc_info) -> None:
+        if self.bar is not None:
+            self.bar.close()
 # --- end pyramid commands ---
 
 
