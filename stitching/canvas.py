@@ -167,7 +167,7 @@ class _TileInputs:
             self._bands = {name: read(rows) for name, read in self.band_readers.items()}
             self._band_row = row
 
-        y, x = self.grid.origins[index]
+        y, x = self.grid.origin(index)
         _, cols = self.grid.tile_slices(index)
         tile = {name: torch.from_numpy(band[:, :, cols].copy()) for name, band in self._bands.items()}
         tile["coords"] = coordinate_grid(y, x, self.grid.tile_size, self.grid.tile_size,

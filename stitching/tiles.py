@@ -93,9 +93,14 @@ class TileGrid:
         """(y, x) top-left corners of all tiles, row-major."""
         return [(y, x) for y in self.ys for x in self.xs]
 
+    def origin(self, index: int) -> tuple[int, int]:
+        """Return the (y, x) top-left corner of tile ``index``."""
+        row, col = divmod(index, len(self.xs))
+        return self.ys[row], self.xs[col]
+
     def tile_slices(self, index: int) -> tuple[slice, slice]:
         """Return the canvas rows and columns of tile ``index``."""
-        y, x = self.origins[index]
+        y, x = self.origin(index)
         return slice(y, y + self.tile_size), slice(x, x + self.tile_size)
 
     def owned_cells(self) -> list[tuple[int, slice, slice]]:
