@@ -294,6 +294,16 @@ class Synthesizer:
         return "written"
 
 
+def check_labels(global_sampler, patch_sampler, label: str | None) -> None:
+    """Raise ValueError unless both models know ``label`` (or every global label when None)."""
+    labels = list(global_sampler.labels)
+    if label is not None and label not in labels:
+        raise ValueError(f"label {label!r} is not one of the global model's labels {labels}; "
+                         f"pass one of them with --label")
+    for name in ([label] if label is not None else labels):
+        patch_sampler.label_index(name)  # raises ValueError naming the patch model's labels
+
+
 def synthesize(global_run: Path, patch_run: Path, out_dir: Path, config: SynthConfig,
                progress: bool = True) -> SynthesisSummary:
     """Load a global and a patch run and synthesize ``config.n`` images into ``out_dir``.
@@ -319,6 +329,7 @@ def synthesize_with(global_sampler, patch_sampler, out_dir: Path, config: SynthC
     """
     from tqdm.auto import tqdm
 
+    check_labels(global_sampler, patch_sampler, config.label)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = device if device is not None else resolve_device(config.device)

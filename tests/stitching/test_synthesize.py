@@ -198,3 +198,9 @@ def test_config_rejects_bad_size():
 def test_config_rejects_unknown_format():
     with pytest.raises(ConfigError, match="formats"):
         config_for(output__formats=["png", "tiff"])
+
+
+def test_unknown_label_fails_before_any_image(tmp_path, checkpoints):
+    with pytest.raises(ValueError, match="labels"):
+        run(tmp_path, checkpoints, label="comminuted")
+    assert not (tmp_path / "out").exists()
