@@ -135,7 +135,7 @@ def train_encoder(store: StoreLike, store_path: Path, config: EncoderConfig, see
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
         if step % 20 == 0 or step == steps - 1:
             logger.info("encoder step %d/%d images %d loss %.4f", step + 1, steps, (step + 1) * batch_size, losses[-1])
 

@@ -20,7 +20,7 @@ STYLE = """
 body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;color:#222}
 h1,h2,h3{font-weight:600} table{border-collapse:collapse;margin:0.5em 0 1.5em}
 td,th{border:1px solid #ccc;padding:3px 8px;text-align:right;font-size:0.9em} th{background:#f2f2f2}
-td.text,th.text{text-align:left} .skip{color:#888;font-style:italic;text-align:left}
+td.text,th.text{text-align:left} .skip{color:#888;font-style:italic;text-align:left} .notes{font-size:0.85em;margin-top:-1em}
 .grid{display:flex;flex-wrap:wrap;gap:6px;margin-bottom:1em} figure{margin:0;text-align:center;font-size:0.75em}
 img.thumb{background:#000;display:block} .pair{display:inline-block;margin:4px 12px 12px 0;border:1px solid #ddd;padding:4px}
 """
@@ -59,12 +59,22 @@ def thumbnail(image: np.ndarray, caption: str) -> str:
             f"<figcaption>{html.escape(caption)}</figcaption></figure>")
 
 
-def format_record(record: Any) -> str:
-    """Return table-cell HTML for a metric record: value with CI or std, or the reason it was skipped."""
+def format_record(record: Any, notes: list[str] | None = None) -> str:
+    """Return table-cell HTML for a metric record: value with CI or std, or the reason it was skipped.
+
+    With `notes`, a skipped record shows a note number and its reason is appended to `notes` once
+    (render them with `notes_html` under the table); without, the reason is written into the cell.
+    """
     if not isinstance(record, dict):
         return f"<td>{html.escape(str(record))}</td>"
     if record.get("status") == "not_computed":
-        return f'<td class="skip">not computed: {html.escape(record["reason"])}</td>'
+        reason = record["reason"]
+        if notes is None:
+            return f'<td class="skip">not computed: {html.escape(reason)}</td>'
+        if reason not in notes:
+            notes.append(reason)
+        number = notes.index(reason) + 1
+        return f'<td class="skip" title="{html.escape(reason)}">not computed ({number})</td>'
     text = f"{record['value']:.4g}"
     interval = record.get("ci95") or record.get("ci")
     if interval:
@@ -72,6 +82,14 @@ def format_record(record: Any) -> str:
     if "std" in record:
         text += f" ± {record['std']:.2g}"
     return f"<td>{html.escape(text)}</td>"
+
+
+def notes_html(notes: list[str]) -> str:
+    """Return the numbered reasons collected by `format_record`."""
+    if not notes:
+        return ""
+    items = "".join(f"<li>{html.escape(note)}</li>" for note in notes)
+    return f"<ol class='skip notes'>{items}</ol>"
 
 
 def table(header: Iterable[str], rows: Iterable[Iterable[str]]) -> str:
@@ -89,13 +107,13 @@ DISTANCE_COLUMNS = ("fid", "kid", "precision", "recall", "density", "coverage")
 
 def distance_table(distances: dict[str, Any]) -> str:
     """Rows per extractor and group (all, each label) with FID, KID and PRDC cells."""
-    rows = []
+    rows, notes = [], []
     for extractor, groups in distances.items():
         for group, records in groups.items():
             rows.append([f"{extractor} / {group}", f"<td>{records['n_real']}</td>", f"<td>{records['n_synthetic']}</td>",
-                         *[format_record(records[c]) for c in DISTANCE_COLUMNS]])
+                         *[format_record(records[c], notes) for c in DISTANCE_COLUMNS]])
     return table(["extractor / label", "n real", "n synthetic", "FID", "KID", "precision", "recall", "density",
-                  "coverage"], rows)
+                  "coverage"], rows) + notes_html(notes)
 
 
 def curves_figure(entries: dict[str, dict[str, Any]], kind: str) -> str:
@@ -181,7 +199,8 @@ def _section_memorization(metrics: dict[str, Any], figures: dict[str, Any]) -> s
                     for label, record in entry.get("per_label", {}).items())
     pairs = "".join(
         f"<div class='pair'><div class='grid'>{thumbnail(fake, 'synthetic ' + pair['synthetic'])}"
-        f"{thumbnail(real, 'train ' + pair['train_id'])}</div>NCC {pair['ncc']:.3f}, cosine {pair['cosine']:.3f}</div>"
+        f"{thumbnail(real, 'train ' + pair['train_id'])}</div>NCC {pair['ncc']:.3f}, cosine {pair['cosine']:.3f}"
+        f"{' <b>flagged</b>' if pair['synthetic'] in memorization['flagged'] else ''}</div>"
         for pair, fake, real in figures.get("pair_images", []))
     return (f"<h2>Memorization</h2><p>Threshold: quantile {metrics['config']['memorization']['threshold_quantile']} "
             f"of the nearest-training-image similarity of {memorization['n_calibration']} real "

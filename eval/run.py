@@ -139,7 +139,7 @@ def distance_records(real: np.ndarray, fake: np.ndarray, context: Context, step:
     allow_small = context.config.allow_small
     records: dict[str, Any] = {"n_real": len(real), "n_synthetic": len(fake)}
     try:
-        records["fid"] = computed(frechet_distance(real, fake, allow_small))
+        records["fid"] = computed(frechet_distance(real, fake, allow_small, context.device))
     except TooFewSamplesError as error:
         records["fid"] = not_computed(str(error))
     try:

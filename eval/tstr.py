@@ -99,11 +99,15 @@ def run_classification(real_store: Path, synthetic_dir: Path, out_dir: Path, con
             runs[name] = {metric: not_computed(f"the {name} training set has {len(images)} images") for metric in METRICS}
             continue
         logger.info("training on %s: %d images", name, len(images))
+        missing = [classes[c] for c in range(len(classes)) if not (targets == c).any()]
+        if missing:
+            logger.warning("the %s training set has no image of %s; its test metrics show that", name, missing)
         models[name] = train_classifier(images, targets, len(classes), settings, config.seed, device)
         probabilities = predict_proba(models[name], test_images)
         runs[name] = metrics_with_ci(probabilities, test_truth, positive, settings.bootstrap, settings.confidence, rng)
         runs[name]["n_train"] = int(len(images))
         runs[name]["n_train_per_label"] = {classes[c]: int((targets == c).sum()) for c in range(len(classes))}
+        runs[name]["labels_missing_in_training"] = missing
 
     fidelity = {"overall": not_computed("no classifier was trained on the real training split")}
     if "real" in models:
