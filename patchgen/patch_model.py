@@ -68,6 +68,12 @@ class PatchConfig:
         if self.model not in MODEL_KINDS:
             raise ConfigError(f"model={self.model!r}; use one of {MODEL_KINDS}")
         check_divisible(self.data.patch_size, self.network.channels, "data.patch_size")
+        if self.data.large_patch_size:
+            check_divisible(self.data.large_patch_size, self.network.channels,
+                            "data.large_patch_size")
+        if self.model == "gan":
+            from patchgen.patch_gan import gan_config
+            self.gan = to_dict(gan_config(self))   # every GAN setting, defaults filled in
 
 
 def build_patch_unet(config: PatchConfig, num_labels: int) -> PatchUNet:
