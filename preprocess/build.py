@@ -18,12 +18,13 @@ only to the manifest, which must lie outside the store.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import multiprocessing
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -39,6 +40,7 @@ from preprocess.ingest import FileResult, FileTask, IngestConfig, ingest_file
 from preprocess.labels import LabelTable
 from preprocess.readers import ReadOptions
 from preprocess.splits import SplitFractions, assign_splits
+from preprocess.store import PARTIAL_FOLDER
 from preprocess.writer import (ChunkLayout, build_lock, layout_options, prepare_store,
                                read_image_records, remove_partial_images)
 
@@ -320,8 +322,9 @@ def _run_tasks(tasks: list[FileTask], config: IngestConfig, workers: int,
                on_result: Callable[[FileResult], None]) -> None:
     """Run all tasks in this process (workers=0) or in a pool, isolating crashing files."""
     if workers <= 0:
-        for task in tasks:
-            on_result(_ingest_or_reject(task, config))
+        with _single_torch_thread():
+            for task in tasks:
+                on_result(_ingest_or_reject(task, config))
         return
     pending = list(tasks)
     while pending:
@@ -411,6 +414,23 @@ def _context() -> multiprocessing.context.BaseContext:
     return context
 
 
+@contextlib.contextmanager
+def _single_torch_thread() -> Iterator[None]:
+    """Run torch on one thread while files are ingested in this process, then restore the count.
+
+    The downsampling calls are small; with several threads on a busy machine they spent more time
+    waiting for each other than computing.
+    """
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def _init_worker() -> None:
     """Use one thread per worker process: the pool provides the parallelism."""
     import torch
@@ -468,6 +488,8 @@ class _BuildRun:
         """Write catalog.csv, failed.csv and the manifest."""
         self.write_catalog()
         write_failures(self.store / FAILED_NAME, self.failures())
+        with contextlib.suppress(OSError):
+            (self.store / PARTIAL_FOLDER).rmdir()  # only when empty: no worker is writing
         if manifest is not None:
             atomic_write_text(Path(manifest), _manifest_text(files, self.results))
 

@@ -17,8 +17,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from preprocess.normalise import STORE_MAX
 
@@ -61,6 +59,9 @@ def downsample_2x(level: np.ndarray) -> np.ndarray:
     Returns:
         (ceil(H / 2), ceil(W / 2)) uint16.
     """
+    import torch
+    import torch.nn.functional as F
+
     height, width = level.shape
     image = torch.from_numpy(level.astype(np.float32))[None, None]  # (1, 1, H, W)
     if height % 2 or width % 2:
@@ -100,6 +101,9 @@ def resample_to_spacing(pixels: np.ndarray, spacing_mm: tuple[float, float],
             max(1, round(width * spacing_mm[1] / target_mm)))
     if size == (height, width):
         return pixels
+    import torch
+    import torch.nn.functional as F
+
     image = torch.from_numpy(pixels.astype(np.float32))[None, None]
     resized = F.interpolate(image, size=size, mode="bilinear", antialias=True,
                             align_corners=False)

