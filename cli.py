@@ -532,8 +532,8 @@ def eval_reader_score(answers, key, out) -> None:
         raise click.ClickException(str(error)) from error
     for reader, scores in result["readers"].items():
         accuracy = scores["source_accuracy"]
-        shown = f"{accuracy['value']:.3f}" if accuracy["status"] == "computed" else accuracy["reason"]
-        click.echo(f"{reader}: {scores['answered']} answered, real/synthetic accuracy {shown}")
+        accuracy_text = f"{accuracy['value']:.3f}" if accuracy["status"] == "computed" else accuracy["reason"]
+        click.echo(f"{reader}: {scores['answered']} answered, real/synthetic accuracy {accuracy_text}")
     click.echo(f"scores: {out / 'reader_scores.json'}")
 
 
@@ -601,7 +601,7 @@ def weights_fetch(names, cache_dir, source, expected) -> None:
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Folder for the weights. Default: $FEMURGEN_WEIGHTS, else ~/.cache/femurgen/weights.")
 def weights_list(cache_dir) -> None:
-    """Show which weights the cache holds and whether their hashes match."""
+    """Show which weights the cache contains and whether their hashes match."""
     from eval.weights import KNOWN_WEIGHTS, WeightsError, default_cache_dir, resolve_weights
 
     cache = cache_dir or default_cache_dir()

@@ -164,7 +164,7 @@ def classification_metrics(probabilities: np.ndarray, truth: np.ndarray, positiv
 
 def metrics_with_ci(probabilities: np.ndarray, truth: np.ndarray, positive: int, resamples: int,
                     confidence: float, rng: np.random.Generator) -> dict[str, dict]:
-    """Each test metric as a record with a bootstrap interval over test images."""
+    """Return each test metric as a record with a bootstrap interval over test images."""
     point = classification_metrics(probabilities, truth, positive)
     table = np.concatenate([probabilities, truth[:, None].astype(np.float64)], axis=1)  # resampled together
     records = {}

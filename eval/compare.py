@@ -1,6 +1,6 @@
 """`eval compare`: several evaluation output folders side by side in one table and one plot.
 
-Each folder holds the metrics.json of `eval` and, when it was run, the classify.json of
+Each folder contains the metrics.json of `eval` and, when it was run, the classify.json of
 `eval classify`. Every computed scalar becomes one row keyed by its path in the JSON
 (`global/radiomics/all/fid`), so runs with different settings still line up where they overlap.
 """

@@ -36,7 +36,7 @@ def pair_indices(count: int, pairs: int, rng: np.random.Generator) -> np.ndarray
 
 
 def ms_ssim_pairs(images: np.ndarray, pairs: np.ndarray) -> np.ndarray:
-    """MS-SSIM of each pair (P,) of images (N, S, S) in [0, 1], S >= 161, data range 1."""
+    """Compute the MS-SSIM of each pair (P,) of images (N, S, S) in [0, 1], S >= 161, data range 1."""
     if images.shape[-1] < MS_SSIM_MIN_SIDE or images.shape[-2] < MS_SSIM_MIN_SIDE:
         raise ValueError(f"MS-SSIM needs views of at least {MS_SSIM_MIN_SIDE} px, got {images.shape[-2:]}; "
                          f"raise eval.diversity.view_size")
@@ -86,7 +86,7 @@ class LocalLPIPS(nn.Module):
         self.model.net.load_state_dict(state)
 
     def forward(self, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
-        """LPIPS distance (B,) between two batches (B, 1, H, W) in [0, 1]."""
+        """Return the LPIPS distance (B,) between two batches (B, 1, H, W) in [0, 1]."""
         device = next(self.model.parameters()).device
         scaled = [image.to(device).float().clamp(0, 1).repeat(1, 3, 1, 1) * 2.0 - 1.0 for image in (first, second)]
         with torch.no_grad():
@@ -94,7 +94,7 @@ class LocalLPIPS(nn.Module):
 
 
 def lpips_pairs(model: LocalLPIPS, images: np.ndarray, pairs: np.ndarray, batch_size: int = 8) -> np.ndarray:
-    """LPIPS of each pair (P,) of images (N, S, S) in [0, 1]."""
+    """Compute the LPIPS of each pair (P,) of images (N, S, S) in [0, 1]."""
     tensor = torch.from_numpy(np.ascontiguousarray(images, np.float32))[:, None]
     values = []
     for start in range(0, len(pairs), batch_size):

@@ -72,7 +72,7 @@ class EncoderFeatures(nn.Module):
 
 
 def augment(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """One random view of each image (B, 1, S, S): crop 70-100% and resize back, flip, gamma, noise."""
+    """Draw one random view of each image (B, 1, S, S): crop 70-100% and resize back, flip, gamma, noise."""
     count, _, size, _ = batch.shape
     views = []
     for image in batch:

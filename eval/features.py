@@ -3,7 +3,7 @@
 Every extractor is a torch `nn.Module` that maps images (B, 1, H, W) float32 in [0, 1] to features
 (B, D) and has an integer `num_features` = D, so torchmetrics accepts it as its `feature` argument.
 
-| name      | weights                               | D    | what it sees |
+| name      | weights                               | D    | features     |
 |-----------|---------------------------------------|------|--------------|
 | radiomics | none (handcrafted)                    | 49   | first-order intensity statistics, GLCM texture, gradient and LBP statistics |
 | encoder   | trained by femurgen on the real train split, stored next to the store | 64 (config) | contrastive CNN embedding |

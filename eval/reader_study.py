@@ -165,14 +165,14 @@ def score_reader(key: dict[str, dict[str, str]], answers: dict[str, dict[str, st
     if not cases:
         return {"answered": 0, "source_accuracy": not_computed("no case has a real/synthetic answer")}
     truth = np.array([key[c]["source"] == "synthetic" for c in cases])
-    said = [answers[c]["source"] for c in cases]
+    responses = [answers[c]["source"] for c in cases]
     confidence = np.array([float(answers[c].get("confidence") or 3) for c in cases])
-    signed = np.where(np.array(said) == "synthetic", confidence, -confidence)  # belief that the case is synthetic
+    signed = np.where(np.array(responses) == "synthetic", confidence, -confidence)  # belief that the case is synthetic
     auc = roc_auc(signed, truth)
     labelled = [c for c in cases if answers[c].get("label")]
-    kappa = cohen_kappa([key[c]["source"] for c in cases], said)
+    kappa = cohen_kappa([key[c]["source"] for c in cases], responses)
     return {"answered": len(cases),
-            "source_accuracy": computed(np.mean([s == key[c]["source"] for s, c in zip(said, cases)])),
+            "source_accuracy": computed(np.mean([s == key[c]["source"] for s, c in zip(responses, cases)])),
             "source_auc": computed(auc) if np.isfinite(auc) else not_computed("the answered cases lack real or synthetic ones"),
             "label_accuracy": computed(np.mean([answers[c]["label"] == key[c]["label"] for c in labelled]),
                                        n=len(labelled)) if labelled else not_computed("no class was answered"),

@@ -62,8 +62,8 @@ def thumbnail(image: np.ndarray, caption: str) -> str:
 def format_record(record: Any, notes: list[str] | None = None) -> str:
     """Return table-cell HTML for a metric record: value with CI or std, or the reason it was skipped.
 
-    With `notes`, a skipped record shows a note number and its reason is appended to `notes` once
-    (render them with `notes_html` under the table); without, the reason is written into the cell.
+    With `notes`, a skipped record shows a note number, and its reason is appended to `notes` once.
+    `notes_html` renders them under the table. Without `notes`, the reason is written into the cell.
     """
     if not isinstance(record, dict):
         return f"<td>{html.escape(str(record))}</td>"

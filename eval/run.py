@@ -51,7 +51,7 @@ class ImageSet:
 
 @dataclass
 class Context:
-    """What every step of one evaluation shares."""
+    """State shared by the steps of one evaluation."""
 
     store: Any
     store_path: Path

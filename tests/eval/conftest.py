@@ -1,7 +1,7 @@
 """Shared fixtures: a small real pyramid store from FracAtlas and a synthetic output folder.
 
 The store is built by preprocess.build.build_store from 24 small FracAtlas radiographs (8 fractured,
-16 non-fractured). The synthetic folder holds two smooth random images and one copy of a training
+16 non-fractured). The synthetic folder contains two smooth random images and one copy of a training
 image (the planted copy that memorization must flag), each with a sidecar like `synthesize` writes.
 """
 

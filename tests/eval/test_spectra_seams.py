@@ -60,7 +60,8 @@ GRID = {"level": 0, "tile_size": 32, "overlap": 8, "origins_yx": [[0, 0], [0, 24
 def test_edge_mask_inner_edges_only():
     mask = tile_edge_mask((56, 56), GRID, band=1)
     assert mask[24, 5]  # top edge of the lower tiles (row 24)
-    assert mask[31, 5] and mask[32, 5]  # bottom edge of the upper tiles, between rows 31 and 32
+    assert mask[31, 5]  # bottom edge of the upper tiles, between rows 31 and 32
+    assert mask[32, 5]
     assert not mask[10, 10]
     assert not mask[0, 10]  # image border is no seam
 
