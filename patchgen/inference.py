@@ -23,6 +23,7 @@ from patchgen.networks import LayoutUNet, size_features
 log = logging.getLogger(__name__)
 
 SizeRecord = tuple[str, int, int, float | None]
+Shape = tuple[int, int]
 
 
 def _read_snapshot_info(model_dir: Path) -> dict[str, Any]:
@@ -35,58 +36,143 @@ def _read_snapshot_info(model_dir: Path) -> dict[str, Any]:
 
 
 class LayoutSampler:
-    """Sample layouts from one ``LayoutUNet`` for given labels and native sizes."""
+    """Sample layouts from one ``LayoutUNet`` for given labels and native sizes.
+
+    ``sizes`` are the (label, height, width, spacing_mm) records of the training images;
+    ``canvases`` the canvas shapes the model was trained on (one square for letterbox, the
+    active buckets otherwise). A native size is generated on the canvas nearest to its
+    aspect ratio, the rule training used to assign images to canvases.
+    """
 
     def __init__(self, network: LayoutUNet, diffusion: DiffusionConfig, labels: list[str],
-                 sizes: list[SizeRecord]):
+                 sizes: list[SizeRecord], canvases: list[Shape] | None = None):
         self.network = network
         self.diffusion = diffusion
         self.labels = list(labels)
         self.sizes = sizes
         self.resolution = int(network.config.resolution)
+        self.canvases = [tuple(c) for c in canvases] if canvases else [(self.resolution,) * 2]
 
-    def first_size(self, label: str) -> tuple[int, int]:
-        for name, height, width, _ in self.sizes:
-            if name == label:
-                return height, width
-        raise KeyError(label)
+    @classmethod
+    def from_task_info(cls, network: LayoutUNet, info: dict[str, Any]) -> "LayoutSampler":
+        """Build from the ``femurgen.json`` mapping a global snapshot stores."""
+        diffusion = from_dict(DiffusionConfig, info["config"]["diffusion"])
+        sizes = [(s["label"], int(s["height"]), int(s["width"]), s["spacing_mm"])
+                 for s in info["sizes"]]
+        canvases = [(int(h), int(w)) for h, w in info.get("canvases", [])]
+        return cls(network, diffusion, info["labels"], sizes, canvases)
+
+    # -- sizes ---------------------------------------------------------------------------
+    def label_sizes(self, label: str) -> list[SizeRecord]:
+        records = [r for r in self.sizes if r[0] == label]
+        if not records:
+            raise ValueError(f"label {label!r} has no training sizes; labels: {self.labels}")
+        return records
+
+    def first_size(self, label: str) -> Shape:
+        _, height, width, _ = self.label_sizes(label)[0]
+        return height, width
+
+    def draw_size(self, label: str, rng: np.random.Generator,
+                  min_megapixels: float = 0.0) -> Shape:
+        """Draw (H, W) of a random training image of ``label`` with at least ``min_megapixels``.
+
+        Drawing whole records keeps height and width jointly distributed as in training.
+        """
+        records = self.label_sizes(label)
+        fitting = [(h, w) for _, h, w, _ in records if h * w >= min_megapixels * 1e6]
+        if not fitting:
+            largest = max(h * w for _, h, w, _ in records) / 1e6
+            raise ValueError(f"no training image of label {label!r} has at least "
+                             f"{min_megapixels} megapixels (largest: {largest:.2f} MP); lower "
+                             f"--min-megapixels or give --size HxW")
+        return fitting[int(rng.integers(len(fitting)))]
 
     def typical_spacing(self, label: str) -> float | None:
+        """Median pixel spacing (mm) of the training images of ``label``; None when unknown."""
         values = [s for name, _, _, s in self.sizes if name == label and s]
         return float(np.median(values)) if values else None
 
-    @torch.no_grad()
-    def sample(self, label: str, native_shape: tuple[int, int], generator: torch.Generator,
-               steps: int | None = None, guidance_scale: float | None = None) -> np.ndarray:
-        """Return a layout (h_L, w_L) float32 in [0, 1] at the layout level of ``native_shape``."""
+    def spacing_for(self, label: str, native_shape: Shape) -> float | None:
+        """Spacing (mm) of training images of ``label`` with this native size, else the median.
+
+        Detectors fix both the matrix size and the pixel spacing, so images of one size
+        usually share a spacing.
+        """
+        same_size = [s for name, h, w, s in self.sizes
+                     if name == label and (h, w) == tuple(native_shape) and s]
+        if same_size:
+            return float(np.median(same_size))
+        return self.typical_spacing(label)
+
+    # -- geometry ------------------------------------------------------------------------
+    def canvas_for(self, native_shape: Shape) -> Shape:
+        """Training canvas nearest to the aspect ratio of ``native_shape``."""
+        from patchgen.data_order import nearest_bucket
+
+        return self.canvases[nearest_bucket(native_shape, self.canvases,
+                                            range(len(self.canvases)))]
+
+    def layout_level(self, native_shape: Shape) -> int:
+        """Pyramid level of the returned layout: the first level that fits the canvas."""
         from patchgen.global_model import layout_level
 
-        device = next(self.network.parameters()).device
-        resolution = self.resolution
-        height, width = level_shape(native_shape, layout_level(native_shape, resolution))
-        mask = torch.zeros(1, 1, resolution, resolution, device=device)
-        mask[..., :height, :width] = 1.0
-        spacing = self.typical_spacing(label) or 0.0
+        return layout_level(native_shape, self.canvas_for(native_shape))
+
+    # -- sampling ------------------------------------------------------------------------
+    def _condition(self, label: str, native_shape: Shape, spacing_mm: float | None,
+                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Labels (2,) [label, null] and size features (2, 4) for a guided batch of two."""
+        spacing = spacing_mm if spacing_mm else 0.0
         size = size_features(torch.tensor([native_shape[0]]), torch.tensor([native_shape[1]]),
                              torch.tensor([spacing], dtype=torch.float32)).to(device)
-        labels = torch.tensor([self.labels.index(label)], device=device)
-        null = torch.full_like(labels, len(self.labels))
+        labels = torch.tensor([self.labels.index(label), len(self.labels)], device=device)
+        return labels, size.expand(2, -1)
+
+    @torch.no_grad()
+    def sample(self, label: str, native_shape: Shape, generator: torch.Generator,
+               steps: int | None = None, guidance_scale: float | None = None,
+               spacing_mm: float | None = None, level: int | None = None) -> np.ndarray:
+        """Return a layout (h_L, w_L) float32 in [0, 1] for an image of ``native_shape``.
+
+        The layout is generated at the fit shape of the nearest canvas and resized with an
+        antialiased filter to level ``level`` (default ``layout_level(native_shape)``).
+        ``spacing_mm`` defaults to ``spacing_for(label, native_shape)``; ``generator`` draws
+        the initial noise on the CPU, so a seed gives the same layout on any device.
+        """
+        from patchgen.global_model import fit_shape, resize_image
+
+        if label not in self.labels:
+            raise ValueError(f"label {label!r} is not one of the model's labels {self.labels}")
+        device = next(self.network.parameters()).device
+        canvas = self.canvas_for(native_shape)
+        fit = fit_shape(native_shape, canvas)
+        level = self.layout_level(native_shape) if level is None else level
+        out_shape = level_shape(native_shape, level)
+        if spacing_mm is None:
+            spacing_mm = self.spacing_for(label, native_shape)
+
+        mask = torch.zeros(2, 1, *canvas, device=device)
+        mask[..., :fit[0], :fit[1]] = 1.0
+        labels, size = self._condition(label, native_shape, spacing_mm, device)
         scale = self.diffusion.guidance_scale if guidance_scale is None else guidance_scale
         use_guidance = len(self.labels) > 1 and scale != 1.0
         scheduler = sampling_scheduler(self.diffusion, steps)
 
         def model_fn(x_t: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
-            t = timestep.expand(x_t.shape[0]).to(device)
-            conditional = self.network(x_t, t, mask, labels, size)
             if not use_guidance:
-                return conditional
-            unconditional = self.network(x_t, t, mask, null, size)
+                t = timestep.expand(1).to(device)
+                return self.network(x_t, t, mask[:1], labels[:1], size[:1])
+            t = timestep.expand(2).to(device)
+            conditional, unconditional = self.network(x_t.expand(2, -1, -1, -1), t, mask,
+                                                      labels, size).chunk(2)
             return guided(conditional, unconditional, scale)
 
-        noise = torch.randn((1, 1, resolution, resolution), generator=generator).to(device)
+        noise = torch.randn((1, 1, *canvas), generator=generator).to(device)
         x0 = sample_loop(model_fn, scheduler, noise * scheduler.init_noise_sigma, generator=None)
-        layout = (x0[0, 0, :height, :width].clamp(-1, 1) + 1.0) / 2.0
-        return layout.float().cpu().numpy()
+        image = x0[0, 0, :fit[0], :fit[1]].float().cpu()
+        layout = (resize_image(image, out_shape).clamp(-1, 1) + 1.0) / 2.0
+        return layout.numpy()
 
 
 class GlobalSampler:
@@ -97,24 +183,23 @@ class GlobalSampler:
         self.device = torch.device(device)
         per_class = self.run_dir / "per-class.json"
         if per_class.is_file():
-            labels = json.loads(per_class.read_text())["labels"]
+            labels = json.loads(per_class.read_text(encoding="utf-8"))["labels"]
             self._samplers = {label: self._load(self.run_dir / label / "model") for label in labels}
         else:
             sampler = self._load(self.run_dir / "model")
             self._samplers = {label: sampler for label in sampler.labels}
         self.labels = sorted(self._samplers)
-        self.checkpoint_paths = sorted({str(self._model_dir(label)) for label in self.labels})
+        self.checkpoint_paths = sorted({str(self.checkpoint_for(label)) for label in self.labels})
 
-    def _model_dir(self, label: str) -> Path:
-        per_class = (self.run_dir / label / "model")
-        return per_class if per_class.is_dir() else self.run_dir / "model"
+    def checkpoint_for(self, label: str) -> Path:
+        """Snapshot folder of the model that samples ``label``."""
+        per_class = self.run_dir / label / "model"
+        return per_class if (self.run_dir / "per-class.json").is_file() else self.run_dir / "model"
 
     def _load(self, model_dir: Path) -> LayoutSampler:
         info = _read_snapshot_info(model_dir)
         network = LayoutUNet.from_pretrained(model_dir / "unet").to(self.device).eval()
-        diffusion = from_dict(DiffusionConfig, info["config"]["diffusion"])
-        sizes = [(s["label"], int(s["height"]), int(s["width"]), s["spacing_mm"]) for s in info["sizes"]]
-        return LayoutSampler(network, diffusion, info["labels"], sizes)
+        return LayoutSampler.from_task_info(network, info)
 
     @property
     def resolution(self) -> int:
@@ -128,27 +213,34 @@ class GlobalSampler:
     def draw_native_size(self, label: str, rng: np.random.Generator,
                          min_megapixels: float = 0.0) -> tuple[int, int]:
         """Draw (H, W) from the training sizes of ``label`` with at least ``min_megapixels``."""
-        sampler = self._check_label(label)
-        sizes = [(h, w) for name, h, w, _ in sampler.sizes
-                 if name == label and h * w >= min_megapixels * 1e6]
-        if not sizes:
-            largest = max(h * w for name, h, w, _ in sampler.sizes if name == label) / 1e6
-            raise ValueError(f"no training image of label {label!r} has at least "
-                             f"{min_megapixels} megapixels (largest: {largest:.2f} MP); lower "
-                             f"--min-megapixels or give --size HxW")
-        return sizes[int(rng.integers(len(sizes)))]
+        return self._check_label(label).draw_size(label, rng, min_megapixels)
 
     def layout_level(self, native_shape: tuple[int, int]) -> int:
-        from patchgen.global_model import layout_level
-        return layout_level(native_shape, self.resolution)
+        """Pyramid level of every label's layout for ``native_shape``.
 
-    def spacing_mm(self, label: str) -> float | None:
-        return self._check_label(label).typical_spacing(label)
+        Per-class models may use different canvases; the coarsest of their levels fits all.
+        """
+        samplers = {id(s): s for s in self._samplers.values()}.values()
+        return max(s.layout_level(native_shape) for s in samplers)
+
+    def spacing_mm(self, label: str, native_size: tuple[int, int] | None = None) -> float | None:
+        """Pixel spacing (mm) for output metadata: of training images of that size, else typical."""
+        sampler = self._check_label(label)
+        if native_size is None:
+            return sampler.typical_spacing(label)
+        return sampler.spacing_for(label, native_size)
 
     def sample_layout(self, label: str, native_size: tuple[int, int], generator: torch.Generator,
-                      steps: int | None = None, guidance_scale: float | None = None) -> np.ndarray:
-        """Layout (h_L, w_L) float32 in [0, 1] at ``layout_level(native_size)``."""
-        return self._check_label(label).sample(label, native_size, generator, steps, guidance_scale)
+                      steps: int | None = None, guidance_scale: float | None = None,
+                      spacing_mm: float | None = None) -> np.ndarray:
+        """Layout (h_L, w_L) float32 in [0, 1] at ``layout_level(native_size)``.
+
+        ``spacing_mm`` conditions the model; by default the spacing of training images of
+        this size (else the label's median) is used.
+        """
+        return self._check_label(label).sample(label, native_size, generator, steps,
+                                               guidance_scale, spacing_mm,
+                                               level=self.layout_level(native_size))
 
 
 def load_global(run_dir: Path, device: torch.device | str = "cpu") -> GlobalSampler:
