@@ -93,6 +93,7 @@ class DistanceConfig:
     kid_subset_size: int = 50  # samples per KID subset; lowered to the set size only with allow_small
     kid_subsets: int = 100  # KID subsets averaged
     prdc_k: int = 5  # nearest neighbours for precision/recall/density/coverage
+    fid_bootstrap: int = 50  # resamples of both sets for the FID interval; 0 = no interval
 
 
 @dataclass

@@ -69,6 +69,11 @@ def frechet_distance(real: np.ndarray, fake: np.ndarray, allow_small: bool = Fal
     dim = real.shape[1]
     check_sample_count("FID", len(real), dim + 1, f"real (feature dimension {dim})", allow_small, 2)
     check_sample_count("FID", len(fake), dim + 1, f"synthetic (feature dimension {dim})", allow_small, 2)
+    return frechet_value(real, fake, device)
+
+
+def frechet_value(real: np.ndarray, fake: np.ndarray, device: torch.device | str = "cpu") -> float:
+    """FID of two feature tables with at least 2 rows each, without the sample-count check."""
     real64 = torch.from_numpy(np.asarray(real, np.float64)).to(device)
     fake64 = torch.from_numpy(np.asarray(fake, np.float64)).to(device)
     mean_term = float((real64.mean(0) - fake64.mean(0)).square().sum())
@@ -80,6 +85,25 @@ def frechet_distance(real: np.ndarray, fake: np.ndarray, allow_small: bool = Fal
     if not np.isfinite(value):
         raise ValueError(f"FID is not finite ({value}) for {len(real)} real and {len(fake)} synthetic samples")
     return max(value, 0.0)
+
+
+def frechet_interval(real: np.ndarray, fake: np.ndarray, resamples: int, rng: np.random.Generator,
+                     device: torch.device | str = "cpu") -> list[float] | None:
+    """95% percentile bootstrap interval of the FID, resampling real and synthetic sets with replacement.
+
+    Returns None when `resamples` is 0. Resamples repeat samples, which lowers the covariance rank,
+    so they skip the sample-count check that the point estimate has already passed. FID is biased
+    upward on resamples, so the interval shows the sampling spread and may lie above the estimate.
+    """
+    if resamples <= 0:
+        return None
+    values = []
+    for _ in range(resamples):
+        real_sample = real[rng.integers(0, len(real), len(real))]
+        fake_sample = fake[rng.integers(0, len(fake), len(fake))]
+        values.append(frechet_value(real_sample, fake_sample, device))
+    low, high = np.quantile(values, [0.025, 0.975])
+    return [float(low), float(high)]
 
 
 def kernel_distance(real: np.ndarray, fake: np.ndarray, subset_size: int, subsets: int, seed: int,

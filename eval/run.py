@@ -21,7 +21,7 @@ from eval import report
 from eval.config import EvalConfig, resolve_device
 from eval.data import (SyntheticImage, list_synthetic, real_crops, real_view, sample_rows, synthetic_crops,
                        synthetic_view)
-from eval.distances import (equalize_counts, frechet_distance, kernel_distance,
+from eval.distances import (equalize_counts, frechet_distance, frechet_interval, kernel_distance,
                             precision_recall_density_coverage, standardize)
 from eval.diversity import LocalLPIPS, lpips_pairs, ms_ssim_pairs, pair_indices
 from eval.encoder import default_encoder_path, train_encoder
@@ -139,7 +139,9 @@ def distance_records(real: np.ndarray, fake: np.ndarray, context: Context, step:
     allow_small = context.config.allow_small
     records: dict[str, Any] = {"n_real": len(real), "n_synthetic": len(fake)}
     try:
-        records["fid"] = computed(frechet_distance(real, fake, allow_small, context.device))
+        value = frechet_distance(real, fake, allow_small, context.device)
+        interval = frechet_interval(real, fake, settings.fid_bootstrap, context.rng(step + "fid"), context.device)
+        records["fid"] = computed(value, ci95=interval)
     except TooFewSamplesError as error:
         records["fid"] = not_computed(str(error))
     try:

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from eval.distances import (equalize_counts, frechet_distance, kernel_distance,
+from eval.distances import (equalize_counts, frechet_distance, frechet_interval, kernel_distance,
                             precision_recall_density_coverage, standardize)
 from eval.records import TooFewSamplesError
 
@@ -123,3 +123,15 @@ def test_fid_low_rank_matches_full(features):
     wide_real, wide_fake = np.concatenate([real[:6], real[:6] * 0]), fake[:6]
     assert frechet_distance(real[:20], fake[:20]) > 0.0
     assert np.isfinite(frechet_distance(wide_real[:6], wide_fake, allow_small=True))
+
+
+def test_fid_interval_brackets_shift(features):
+    real, _ = features
+    interval = frechet_interval(real, real + 2.0, 20, np.random.default_rng(0))
+    assert 25.0 < interval[0] < 32.0  # the FID of this shift is 32 (see test_fid_shifted_mean)
+    assert 32.0 < interval[1] < 40.0
+
+
+def test_fid_interval_disabled(features):
+    real, fake = features
+    assert frechet_interval(real, fake, 0, np.random.default_rng(0)) is None
