@@ -112,7 +112,7 @@ def _store_errors():
               help="Zarr v3 shard side in pixels, a multiple of --chunk-size; 0 writes no shards.")
 @click.option("--compression", type=click.Choice(["blosc-zstd", "zstd", "none"]),
               default="blosc-zstd", help="Chunk compression (blosc-zstd uses bit shuffle).")
-@click.option("--compression-level", type=click.IntRange(1, 22), default=3,
+@click.option("--compression-level", type=click.IntRange(1, 22), default=1,
               help="Compression level (1..9 for blosc-zstd, 1..22 for zstd).")
 @click.option("--split", "split", default="0.8,0.1,0.1",
               help="Train,val,test shares of patients, per label.")

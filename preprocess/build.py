@@ -47,6 +47,8 @@ from preprocess.writer import (ChunkLayout, build_lock, layout_options, prepare_
 log = logging.getLogger(__name__)
 
 CATALOG_INTERVAL_S = 30.0
+WORKER_PRELOAD = ["preprocess.build", "preprocess.readers.dicom", "preprocess.readers.raster",
+                  "torch", "numcodecs.blosc"]
 
 
 @dataclass(frozen=True)
@@ -322,7 +324,7 @@ def _run_tasks(tasks: list[FileTask], config: IngestConfig, workers: int,
                on_result: Callable[[FileResult], None]) -> None:
     """Run all tasks in this process (workers=0) or in a pool, isolating crashing files."""
     if workers <= 0:
-        with _single_torch_thread():
+        with _one_thread_each():
             for task in tasks:
                 on_result(_ingest_or_reject(task, config))
         return
@@ -405,37 +407,43 @@ def _file_key_for(task: FileTask, config: IngestConfig) -> str:
 
 
 def _context() -> multiprocessing.context.BaseContext:
-    """Return the forkserver context, preloading this module so workers start without imports.
+    """Return the forkserver context, preloading the decoding modules once for all workers.
 
     forkserver rather than fork: a parent that already ran torch or zarr threads must not fork.
+    Without the preload every worker imported torch itself, several seconds each.
     """
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload([__name__])
+    context.set_forkserver_preload(WORKER_PRELOAD)
     return context
 
 
 @contextlib.contextmanager
-def _single_torch_thread() -> Iterator[None]:
-    """Run torch on one thread while files are ingested in this process, then restore the count.
+def _one_thread_each() -> Iterator[None]:
+    """Run torch and Blosc on one thread while files are ingested in this process.
 
-    The downsampling calls are small; with several threads on a busy machine they spent more time
-    waiting for each other than computing.
+    The downsampling and compression calls are small; with several threads on a busy machine
+    they spent more time waiting for each other than computing. The counts are restored after.
     """
+    import numcodecs.blosc
     import torch
 
-    previous = torch.get_num_threads()
+    previous_torch = torch.get_num_threads()
+    previous_blosc = numcodecs.blosc.set_nthreads(1)
     torch.set_num_threads(1)
     try:
         yield
     finally:
-        torch.set_num_threads(previous)
+        torch.set_num_threads(previous_torch)
+        numcodecs.blosc.set_nthreads(previous_blosc)
 
 
 def _init_worker() -> None:
     """Use one thread per worker process: the pool provides the parallelism."""
+    import numcodecs.blosc
     import torch
 
     torch.set_num_threads(1)
+    numcodecs.blosc.set_nthreads(1)
 
 
 class _BuildRun:
@@ -449,19 +457,38 @@ class _BuildRun:
         self.total = total
         self.progress = progress
         self.results: dict[int, FileResult] = {}
+        self.owners: dict[str, int] = {}
         self.last_catalog = time.monotonic()
 
     def add(self, result: FileResult) -> None:
         """Record one file's result, log its failures and write the catalog now and then."""
         self.results[result.index] = result
         for record in result.records:
-            self.records[record["image_id"]] = record
+            self._keep_record(record, result.index)
         for failure in result.failures:
             log.warning("failed %s (%s): %s", failure.file, failure.kind, failure.reason)
         if self.progress is not None:
             self.progress(len(self.results), self.total)
         if time.monotonic() - self.last_catalog > CATALOG_INTERVAL_S:
             self.write_catalog()
+
+    def _keep_record(self, record: dict[str, Any], index: int) -> None:
+        """Store a record; of files with identical content, the first in file order wins.
+
+        Results arrive in any order from the workers, so the file order keeps the catalog the same
+        from run to run.
+        """
+        image_id = record["image_id"]
+        owner = self.owners.get(image_id)
+        if owner is not None and owner != index and \
+                self.records[image_id].get("label") != record.get("label"):
+            log.warning("files with identical content (%s) have the labels %r and %r; the "
+                        "catalog uses the first file's", image_id,
+                        self.records[image_id].get("label"), record.get("label"))
+        if owner is not None and owner < index:
+            return
+        self.owners[image_id] = index
+        self.records[image_id] = record
 
     def catalog_rows(self) -> list[CatalogRow]:
         """Return catalog rows of all images, sorted by image id, with patient splits."""

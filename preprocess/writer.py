@@ -1,13 +1,19 @@
 """Writing a pyramid store: chunk layout, crash-safe image groups, root creation and locking.
 
 An image is written as a complete Zarr group under ``.partial/`` and then renamed into
-``images/<image_id>``; a rename within one file system is atomic, so a build killed at any moment
+``images/<image_id>``. A rename within one file system is atomic, so a build killed at any moment
 leaves either a complete image or a leftover under ``.partial/``, which the next build deletes.
 A rename onto an existing image (the same content written twice) is dropped as a duplicate.
 
-Chunks: inner chunks of ``chunk_size`` pixels (256 by default: a random 64..256 pixel patch
+Chunks: inner chunks of ``chunk_size`` pixels (256 by default, so a random 64..256 pixel patch
 touches 1 to 4 of them) inside Zarr v3 shards of up to ``shard_size`` pixels, so a level of up to
-4096 x 4096 pixels is one file. Compression: Blosc with zstd and bit shuffle by default.
+4096 x 4096 pixels is one file. Compression: Blosc with zstd level 1 and bit shuffle by default.
+
+Image groups are encoded here rather than through ``zarr.Array.__setitem__``: the metadata
+documents come from zarr itself (a template array made once per layout, with the shapes filled
+in), and the chunks and shards are encoded with the same numcodecs codecs, shard index and CRC32C
+that zarr uses. This took 3 ms instead of 14 ms of CPU time for a 373 x 454 image with four
+levels (2-core x86 machine, zarr 3.1). Tests read every layout back with zarr and compare.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import functools
 import json
 import math
 import os
@@ -35,6 +42,7 @@ from preprocess.store import (IMAGES_GROUP, PARTIAL_FOLDER, ZARR_V3_METADATA, ch
 STORE_FORMAT_VERSION = 1
 LOCK_NAME = ".build.lock"
 COMPRESSIONS = ("blosc-zstd", "zstd", "none")
+EMPTY_CHUNK = 2**64 - 1
 
 
 @dataclass(frozen=True)
@@ -45,13 +53,14 @@ class ChunkLayout:
         chunk_size: inner chunk side in pixels (16..4096).
         shard_size: shard side in pixels, a multiple of chunk_size; 0 writes no shards.
         compression: "blosc-zstd" (bit shuffle), "zstd" or "none".
-        compression_level: codec level (1..9 for blosc-zstd, 1..22 for zstd).
+        compression_level: codec level (1..9 for blosc-zstd, 1..22 for zstd). Level 1 compressed
+            radiographs 1.5 times faster than level 3 and only 1% larger.
     """
 
     chunk_size: int = 256
     shard_size: int = 4096
     compression: str = "blosc-zstd"
-    compression_level: int = 3
+    compression_level: int = 1
 
     def __post_init__(self) -> None:
         if not 16 <= self.chunk_size <= 4096:
@@ -78,6 +87,17 @@ class ChunkLayout:
             return [ZstdCodec(level=self.compression_level)]
         return []
 
+    def chunk_codec(self) -> Any:
+        """Return the numcodecs codec that encodes one chunk as :meth:`compressors` does in zarr."""
+        import numcodecs
+
+        if self.compression == "blosc-zstd":
+            return numcodecs.Blosc(cname="zstd", clevel=self.compression_level,
+                                   shuffle=numcodecs.Blosc.BITSHUFFLE, blocksize=0)
+        if self.compression == "zstd":
+            return numcodecs.Zstd(level=self.compression_level, checksum=False)
+        return None
+
     def array_shapes(self, shape: tuple[int, int]) -> tuple[tuple[int, int],
                                                             tuple[int, int] | None]:
         """Return (inner chunk shape, shard shape or None) for a level of ``shape``."""
@@ -96,27 +116,120 @@ def write_image_group(store: Path, image_id: str, levels: list[np.ndarray],
     Args:
         store: the store folder (root and images/ must exist).
         image_id: name of the group under images/.
-        levels: (H_k, W_k) uint16 arrays, level 0 first.
+        levels: (H_k, W_k) uint16 arrays, level 0 first; they become arrays "0", "1", ...
         attributes: group attributes ("ome" and "femurgen").
         layout: chunking and compression.
     Returns:
         True when written, False when an image with this id was already in place.
     """
-    import zarr
-
     partial = store / PARTIAL_FOLDER / f"{image_id}-{os.getpid()}-{secrets.token_hex(4)}"
     try:
-        group = zarr.open_group(str(partial), mode="w", zarr_format=3, attributes=attributes)
+        partial.mkdir(parents=True)
+        _write_json(partial / ZARR_V3_METADATA, {"attributes": attributes, "zarr_format": 3,
+                                                 "node_type": "group"})
         for level, pixels in enumerate(levels):
-            chunks, shards = layout.array_shapes(pixels.shape)
-            array = group.create_array(name=str(level), shape=pixels.shape, dtype="uint16",
-                                       chunks=chunks, shards=shards,
-                                       compressors=layout.compressors(), fill_value=0,
-                                       dimension_names=AXIS_NAMES)
-            array[...] = pixels
+            write_array(partial / str(level), pixels, layout)
         return _move_into_place(partial, image_group_path(store, image_id))
     finally:
         shutil.rmtree(partial, ignore_errors=True)
+
+
+def write_array(folder: Path, pixels: np.ndarray, layout: ChunkLayout) -> None:
+    """Write a (H, W) uint16 array as a Zarr v3 array folder (metadata, then chunk or shard files).
+
+    Chunks whose pixels are all 0 (the fill value) are not written, as zarr does by default.
+    """
+    chunks, shards = layout.array_shapes(pixels.shape)
+    folder.mkdir()
+    _write_json(folder / ZARR_V3_METADATA, array_metadata(pixels.shape, chunks, shards, layout))
+    codec = layout.chunk_codec()
+    outer = shards or chunks
+    for row in range(math.ceil(pixels.shape[0] / outer[0])):
+        row_folder = folder / "c" / str(row)
+        for column in range(math.ceil(pixels.shape[1] / outer[1])):
+            block = pixels[row * outer[0]:(row + 1) * outer[0],
+                           column * outer[1]:(column + 1) * outer[1]]
+            data = (_encode_shard(block, outer, chunks, codec) if shards
+                    else _encode_chunk(block, chunks, codec))
+            if data is None:
+                continue
+            if not row_folder.exists():
+                row_folder.mkdir(parents=True)
+            (row_folder / str(column)).write_bytes(data)
+
+
+def _encode_chunk(block: np.ndarray, chunk_shape: tuple[int, int], codec: Any) -> bytes | None:
+    """Encode one chunk (padded with the fill value 0 at the array edge); None if all 0."""
+    if not block.any():
+        return None
+    if block.shape != chunk_shape:
+        padded = np.zeros(chunk_shape, dtype=np.uint16)
+        padded[:block.shape[0], :block.shape[1]] = block
+        block = padded
+    raw = np.ascontiguousarray(block, dtype="<u2")
+    return bytes(codec.encode(raw)) if codec is not None else raw.tobytes()
+
+
+def _encode_shard(block: np.ndarray, shard_shape: tuple[int, int], chunk_shape: tuple[int, int],
+                  codec: Any) -> bytes | None:
+    """Encode one shard: inner chunks, then the index of (offset, length) and its CRC32C.
+
+    Inner chunks that are all 0 or lie outside the array get the empty marker 2^64 - 1 in the
+    index (Zarr v3 sharding codec, index at the end, little endian).
+    """
+    import google_crc32c
+
+    rows, columns = shard_shape[0] // chunk_shape[0], shard_shape[1] // chunk_shape[1]
+    index = np.full((rows, columns, 2), EMPTY_CHUNK, dtype="<u8")
+    parts: list[bytes] = []
+    offset = 0
+    for row in range(rows):
+        for column in range(columns):
+            inner = block[row * chunk_shape[0]:(row + 1) * chunk_shape[0],
+                          column * chunk_shape[1]:(column + 1) * chunk_shape[1]]
+            data = _encode_chunk(inner, chunk_shape, codec) if inner.size else None
+            if data is None:
+                continue
+            index[row, column] = (offset, len(data))
+            parts.append(data)
+            offset += len(data)
+    if not parts:
+        return None
+    index_bytes = index.tobytes()
+    checksum = np.array([google_crc32c.value(index_bytes)], dtype="<u4").tobytes()
+    return b"".join(parts) + index_bytes + checksum
+
+
+@functools.lru_cache(maxsize=None)
+def _metadata_template(layout: ChunkLayout, sharded: bool) -> str:
+    """Return the zarr.json text zarr writes for a uint16 (y, x) array of this layout."""
+    import zarr
+    from zarr.core.buffer import default_buffer_prototype
+
+    side = layout.chunk_size * 2
+    array = zarr.create_array(store=zarr.storage.MemoryStore(), shape=(side, side),
+                              dtype="uint16", chunks=(layout.chunk_size, layout.chunk_size),
+                              shards=(side, side) if sharded else None,
+                              compressors=layout.compressors(), fill_value=0,
+                              dimension_names=AXIS_NAMES)
+    documents = array.metadata.to_buffer_dict(default_buffer_prototype())
+    return documents[ZARR_V3_METADATA].to_bytes().decode("utf-8")
+
+
+def array_metadata(shape: tuple[int, int], chunks: tuple[int, int],
+                   shards: tuple[int, int] | None, layout: ChunkLayout) -> dict[str, Any]:
+    """Return the Zarr v3 metadata of one level array, from zarr's own template for the layout."""
+    metadata = json.loads(_metadata_template(layout, shards is not None))
+    metadata["shape"] = list(shape)
+    metadata["chunk_grid"]["configuration"]["chunk_shape"] = list(shards or chunks)
+    if shards is not None:
+        metadata["codecs"][0]["configuration"]["chunk_shape"] = list(chunks)
+    return metadata
+
+
+def _write_json(path: Path, document: dict[str, Any]) -> None:
+    """Write a metadata document on one line (json's C encoder; zarr indents, readers do not care)."""
+    path.write_text(json.dumps(document, allow_nan=True), encoding="utf-8")
 
 
 def _move_into_place(partial: Path, final: Path) -> bool:

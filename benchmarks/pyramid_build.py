@@ -1,0 +1,154 @@
+"""Pyramid build throughput: decode only, ``build_store``, and ome-zarr-py's ``write_image``.
+
+All three run in this process on the same real radiographs, one after the other, each ``--repeats``
+times; the table shows the best run. Every variant decodes with the project's readers (DICOM VOI,
+EXIF orientation, greyscale conversion) so that only the pyramid and writing differ:
+
+- decode: files -> uint16 pixels.
+- build: ``build_store(workers=0)``: decode, tent pyramid, sharded Blosc-zstd Zarr v3 with
+  NGFF metadata, checksums, catalog.
+- ome-zarr-py: decode, then ``ome_zarr.writer.write_image`` with ``Methods.RESIZE``
+  (``skimage.transform.resize`` with anti-aliasing), the same levels, chunks, shards and
+  compressor, and dask's synchronous scheduler (one thread, like the build with workers=0).
+
+A last row runs ``build_store(workers=2)`` for the parallel throughput.
+
+Usage:
+    python benchmarks/pyramid_build.py [--data ../shared/data/radiographs] [--small 60]
+        [--large 8] [--repeats 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPOSITORY))
+
+from preprocess.build import build_store  # noqa: E402
+from preprocess.pyramid import level_shapes  # noqa: E402
+from preprocess.readers import ReadOptions, detect_kind, read_images  # noqa: E402
+from preprocess.writer import ChunkLayout  # noqa: E402
+
+DEFAULT_DATA = REPOSITORY.parent / "shared" / "data" / "radiographs"
+DICOM_FILES = ("RG2_UNC.dcm", "RG2_JPLL.dcm", "RG1_J2KI.dcm", "MG1_J2KI.dcm",
+               "CR-ModalitySequenceLUT.dcm")
+SALT = "benchmark"
+
+
+def select_files(data: Path, small: int, large: int) -> list[Path]:
+    """Return FracAtlas JPEGs (``small`` of 373 x 454, ``large`` of 2304 x 2880) and DICOMs."""
+    from PIL import Image
+
+    small_files, large_files = [], []
+    for path in sorted((data / "fracatlas" / "images").glob("*.jpg")):
+        with Image.open(path) as image:
+            size = image.size
+        if size[0] * size[1] < 200_000 and len(small_files) < small:
+            small_files.append(path)
+        elif size[0] * size[1] > 6_000_000 and len(large_files) < large:
+            large_files.append(path)
+        if len(small_files) >= small and len(large_files) >= large:
+            break
+    return small_files + large_files + [data / "dicom" / name for name in DICOM_FILES]
+
+
+def decode_all(files: list[Path]) -> list:
+    """Decode every file with the project's readers; return the pixel arrays."""
+    options = ReadOptions(salt=SALT.encode())
+    return [image.pixels for path in files for image in read_images(path, detect_kind(path),
+                                                                    options)]
+
+
+def run_decode(files: list[Path], _: Path) -> None:
+    decode_all(files)
+
+
+def run_build(files: list[Path], out: Path, workers: int = 0) -> None:
+    summary = build_store(files, out, workers=workers, salt=SALT)
+    if summary.failed:
+        raise RuntimeError(f"benchmark inputs failed: {summary.failed}")
+
+
+def run_ome_zarr(files: list[Path], out: Path) -> None:
+    """Decode, then write each image with ome-zarr-py's write_image and the same layout."""
+    import dask
+    import zarr
+    from ome_zarr.scale import Methods
+    from ome_zarr.writer import write_image
+
+    layout = ChunkLayout()
+    with dask.config.set(scheduler="synchronous"):
+        for index, pixels in enumerate(decode_all(files)):
+            shapes = level_shapes(*pixels.shape)
+            storage = []
+            for shape in shapes:
+                chunks, shards = layout.array_shapes(shape)
+                options = {"chunks": chunks, "compressors": layout.compressors()}
+                if shards is not None:
+                    options["shards"] = shards
+                storage.append(options)
+            group = zarr.open_group(str(out / f"image{index}"), mode="w", zarr_format=3)
+            write_image(pixels, group, scale_factors=[2 ** level for level in
+                                                      range(1, len(shapes))],
+                        method=Methods.RESIZE, axes="yx", storage_options=storage)
+
+
+def best_time(function: Callable[[list[Path], Path], None], files: list[Path],
+              repeats: int) -> tuple[float, float]:
+    """Return the best (wall seconds, CPU seconds of this process) over ``repeats`` runs."""
+    best_wall, best_cpu = float("inf"), float("inf")
+    for _ in range(repeats):
+        out = Path(tempfile.mkdtemp(prefix="pyramid-bench-")) / "out.zarr"
+        started_wall, started_cpu = time.perf_counter(), time.process_time()
+        function(files, out)
+        best_wall = min(best_wall, time.perf_counter() - started_wall)
+        best_cpu = min(best_cpu, time.process_time() - started_cpu)
+        shutil.rmtree(out.parent)
+    return best_wall, best_cpu
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA,
+                        help="Folder with fracatlas/ and dicom/ (default: ../shared beside "
+                             "the repository).")
+    parser.add_argument("--small", type=int, default=60, help="FracAtlas 373 x 454 images.")
+    parser.add_argument("--large", type=int, default=8, help="FracAtlas 2304 x 2880 images.")
+    parser.add_argument("--repeats", type=int, default=2, help="Runs per variant; best is shown.")
+    arguments = parser.parse_args()
+    if not (arguments.data / "fracatlas").is_dir():
+        parser.error(f"--data {arguments.data} has no fracatlas folder; point it at the "
+                     "radiographs folder")
+
+    import torch
+
+    torch.set_num_threads(1)
+    files = select_files(arguments.data, arguments.small, arguments.large)
+    images = decode_all(files)
+    megapixels = sum(pixels.size for pixels in images) / 1e6
+    print(f"{len(files)} files, {megapixels:.1f} megapixels (largest "
+          f"{max(pixels.size for pixels in images) / 1e6:.1f}), best of {arguments.repeats}")
+
+    variants = [("decode only", run_decode), ("build_store, workers=0", run_build),
+                ("ome-zarr-py write_image", run_ome_zarr),
+                ("build_store, workers=2", lambda files, out: run_build(files, out, workers=2))]
+    results = {name: best_time(function, files, arguments.repeats) for name, function in variants}
+
+    print("| variant | wall s | MP/s (wall) | CPU s (this process) |")
+    print("|---|---|---|---|")
+    for name, (wall, cpu) in results.items():
+        print(f"| {name} | {wall:.2f} | {megapixels / wall:.1f} | {cpu:.2f} |")
+    build_wall = results["build_store, workers=0"][0]
+    print(f"\nbuild / decode time: {build_wall / results['decode only'][0]:.2f}x; "
+          f"build speed / ome-zarr-py speed: {results['ome-zarr-py write_image'][0] / build_wall:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
