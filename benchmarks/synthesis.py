@@ -14,6 +14,9 @@ For each output size (in megapixels) a fresh process
    peak host RSS above the RSS of the loaded model and above the peak of the model calls of
    step 2, and on CUDA the peak device memory.
 
+The overhead is computed from wall time and, as ``overhead_cpu``, from the CPU time of this
+process, which other processes on a shared machine disturb much less.
+
 Example (the numbers in docs/benchmarks.md):
 
     .venv/bin/python benchmarks/synthesis.py --megapixels 1 4 15 --out /tmp/synthesis.json
@@ -85,18 +88,20 @@ class CountingModel:
         self.tiles = 0
         self.seconds = 0.0
         self.full_batch_seconds: list[float] = []
+        self.full_batch_cpu_seconds: list[float] = []
 
     def __call__(self, x_t, *args):
         synchronize(self.device)
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         output = self.denoise_fn(x_t, *args)
         synchronize(self.device)
-        elapsed = time.perf_counter() - started
+        elapsed, cpu_elapsed = time.perf_counter() - started, time.process_time() - cpu_started
         self.calls += 1
         self.tiles += x_t.shape[0]
         self.seconds += elapsed
         if x_t.shape[0] == self.tile_batch:
             self.full_batch_seconds.append(elapsed)
+            self.full_batch_cpu_seconds.append(cpu_elapsed)
         return output
 
 
@@ -196,13 +201,14 @@ def run_one(args) -> dict:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         with PeakRss() as peak:
-            started = time.perf_counter()
+            started, cpu_started = time.perf_counter(), time.process_time()
             canvas, facts = sample_native(AnalyticLayout(args.layout_resolution), patch_sampler,
                                           plan, config, store, device)
             pixels = to_uint16(canvas, size, config.canvas.band_rows)
-            seconds = time.perf_counter() - started
+            seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
 
     in_run_call = statistics.median(counter.full_batch_seconds)
+    in_run_cpu_call = statistics.median(counter.full_batch_cpu_seconds)
     result = {
         "megapixels": size[0] * size[1] / 1e6, "height": size[0], "width": size[1],
         "levels": facts["tile_grid"]["patch_levels"], "steps": config.patch.steps,
@@ -212,6 +218,8 @@ def run_one(args) -> dict:
         "model_call_s": in_run_call, "isolated_model_call_s": model_seconds,
         "overhead": seconds / (counter.tiles * in_run_call / tiling.tile_batch),
         "overhead_isolated_timing": seconds / (counter.tiles * model_seconds / tiling.tile_batch),
+        "synthesis_cpu_s": cpu_seconds, "model_call_cpu_s": in_run_cpu_call,
+        "overhead_cpu": cpu_seconds / (counter.tiles * in_run_cpu_call / tiling.tile_batch),
         "share_in_model_calls": counter.seconds / seconds,
         "model_rss_mb": model_rss / 2 ** 20,
         "model_call_peak_rss_mb": model_peak.peak / 2 ** 20,
@@ -260,12 +268,13 @@ def main() -> None:
         results.append(json.loads(output.strip().splitlines()[-1]))
         row = results[-1]
         print(f"{row['megapixels']:5.1f} MP  {row['synthesis_s']:8.1f} s  overhead "
-              f"{row['overhead']:.3f} (isolated timing {row['overhead_isolated_timing']:.3f})  "
+              f"{row['overhead']:.3f} (CPU time {row['overhead_cpu']:.3f}, isolated timing "
+              f"{row['overhead_isolated_timing']:.3f})  "
               f"peak RSS above model {row['peak_rss_above_model_mb']:7.1f} MB, above model "
               f"calls {row['peak_rss_above_model_calls_mb']:7.1f} MB  tiles "
               f"{row['tile_evaluations']}  disk {row['disk_canvas']}", flush=True)
-    if args.out:
-        args.out.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+        if args.out:
+            args.out.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":
