@@ -64,6 +64,8 @@ def make_reader_study(real_store: Path, synthetic_dir: Path, out_dir: Path, conf
     store = PyramidStore(real_store)
     synthetic = list_synthetic(synthetic_dir)
     cases = []
+    # NOTE: every case is resized to display_long_side, so a real image smaller than that is upsampled
+    # and may look softer than a large synthetic one; readers can still tell sources apart by sharpness.
     for row in _pick_real_rows(store, settings.n_real, rng):
         shapes = [store.level_shape(row.image_id, level) for level in range(row.levels)]
         level = choose_level(shapes, settings.display_long_side)
