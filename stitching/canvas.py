@@ -13,9 +13,9 @@ Every denoising step predicts all tiles, blends the outputs on the canvas as
 ``fused = sum_k w_k * D(x_t[tile k])`` and then lets the diffusers scheduler step the canvas,
 so neighbouring tiles agree at every step (MultiDiffusion, Bar-Tal et al. 2023, eq. 5, with
 smooth weights in place of uniform ones). A host canvas is stepped once as a whole. A disk
-canvas is stepped in fixed row bands, each with its own copy of the scheduler, as soon as no
-remaining tile of the step reads or writes the band; the scheduler step must then be
-element-wise, which excludes dynamic thresholding.
+canvas is stepped in fixed row bands, each with its own copy of the scheduler. A band is
+stepped as soon as no remaining tile of the step reads or writes it. Band steps need an
+element-wise scheduler step, which excludes dynamic thresholding.
 
 Tiles run through the model in batches of ``tile_batch``, so device memory depends on the
 tile batch and tile size only. Tiles are blended in row-major order whatever the batch size,
@@ -47,7 +47,7 @@ GanFn = Callable[..., torch.Tensor]
 
 @dataclass(frozen=True)
 class Tiling:
-    """How a level canvas is cut into tiles.
+    """Tile layout and batching of a level canvas.
 
     Attributes:
         tile_size: tile side T in pixels.
@@ -98,8 +98,8 @@ class LevelJob:
 class _RowAccumulator:
     """Blend tile outputs in row-major order and hand over rows once no tile touches them again.
 
-    Only the rows of the current tile row are kept, (T, W') float32; ``on_final(rows, values)``
-    receives each finished band of rows exactly once, top to bottom.
+    Only the rows of the current tile row are kept, (T, W') float32. ``on_final(rows, values)``
+    is called once per tile row with the rows that tile row finished, top to bottom.
     """
 
     def __init__(self, grid: TileGrid, weights: BlendWeights,

@@ -1,7 +1,7 @@
 """Random generators derived from (seed, image index, level, tile index).
 
 Every random draw of synthesis has a key ``(seed, image_index, level, stream, *more)``:
-``stream`` says what the numbers are for and ``more`` holds the step and tile indices.
+``stream`` names the purpose of the numbers and ``more`` contains the step and tile indices.
 A key is mixed into one 63-bit integer with ``numpy.random.SeedSequence`` and seeds a fresh
 generator, so a draw never depends on how tiles are batched, ordered or spread over devices.
 

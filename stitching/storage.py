@@ -79,10 +79,10 @@ def conditioning_canvas(above: CanvasArray, above_shape: tuple[int, int],
         (H', W') float32 canvas. Pixels outside the image repeat the nearest image pixel, as
         the patch training data pads conditioning crops. A host canvas is one band, so it
         equals :func:`upsample_to` on the whole image. A disk canvas is computed band by band
-        with a halo of one row of the level above, enough because bilinear interpolation with
-        ``align_corners=False`` reads at most one neighbouring row on each side; torch's kernel
-        rounds differently for different input heights, so bands match the whole image to
-        about 1e-7.
+        with a halo of one row of the level above. One row is enough because bilinear
+        interpolation with ``align_corners=False`` reads at most one neighbouring row on each
+        side. Torch's kernel rounds differently for different input heights, so bands match
+        the whole image to about 1e-7.
     """
     height, width = image_shape
     cond = store.full("cond", canvas_shape)

@@ -7,7 +7,7 @@ Along each axis the first tile starts at 0 and the last one ends flush with the 
 border, so every pixel is covered for any length. Origins are multiples of ``align``
 (``2 ** level_gap``), the alignment of the patches the model was trained on, so a tile's
 conditioning crop has the same bilinear phase as in training. The canvas is the image padded
-to a multiple of ``align`` and to at least one tile (:func:`padded_shape`); the padding carries
+to a multiple of ``align`` and to at least one tile (:func:`padded_shape`). The padding carries
 a validity mask of 0.
 
 Ownership: the base (unshifted) grid partitions the canvas into cells. Tile ``(r, c)`` owns
@@ -39,7 +39,7 @@ def axis_origins(length: int, tile_size: int, overlap: int, shift: int = 0,
     """Return sorted tile start positions along one canvas axis of ``length`` pixels.
 
     The first origin is 0 and the last is ``length - T``, so tiles cover [0, length). With
-    ``shift`` in [0, S), the interior origins move to ``shift + k * S``; neighbouring
+    ``shift`` in [0, S), the interior origins move to ``shift + k * S``. Neighbouring
     origins are then at most ``S`` apart, so the overlap never drops below ``O``.
     An axis of at most ``T`` pixels gets the single origin 0. ``length`` (when above ``T``),
     ``shift`` and the returned origins are multiples of ``align``.

@@ -23,7 +23,8 @@ def test_tiles_cover_every_pixel(shape, align):
     grid = tile_grid(shape, tile_size=32, overlap=8, align=align)
     count = coverage(grid)
     assert count.min() >= 1
-    assert grid.canvas_shape[0] >= shape[0] and grid.canvas_shape[1] >= shape[1]
+    assert grid.canvas_shape[0] >= shape[0]
+    assert grid.canvas_shape[1] >= shape[1]
 
 
 @pytest.mark.parametrize("shape", SIZES)
@@ -37,7 +38,8 @@ def test_tiles_stay_inside_canvas(shape):
 @pytest.mark.parametrize("shape", SIZES)
 def test_last_tile_flush_with_canvas(shape):
     grid = tile_grid(shape, tile_size=32, overlap=8)
-    assert grid.ys[0] == 0 and grid.xs[0] == 0
+    assert grid.ys[0] == 0
+    assert grid.xs[0] == 0
     assert grid.ys[-1] + 32 == grid.canvas_shape[0]
     assert grid.xs[-1] + 32 == grid.canvas_shape[1]
 
@@ -77,7 +79,8 @@ def test_shifted_origins_keep_alignment(shift):
 def test_shift_moves_interior_tiles():
     base = tile_grid((300, 300), tile_size=32, overlap=8)
     shifted = tile_grid((300, 300), tile_size=32, overlap=8, shift=(5, 11))
-    assert 5 in shifted.ys and 11 in shifted.xs
+    assert 5 in shifted.ys
+    assert 11 in shifted.xs
     assert 5 not in base.ys
 
 
@@ -96,8 +99,10 @@ def test_owned_cell_inside_its_tile():
     grid = tile_grid((300, 170), tile_size=32, overlap=8)
     for index, rows, cols in grid.owned_cells():
         tile_rows, tile_cols = grid.tile_slices(index)
-        assert tile_rows.start <= rows.start and rows.stop <= tile_rows.stop
-        assert tile_cols.start <= cols.start and cols.stop <= tile_cols.stop
+        assert tile_rows.start <= rows.start
+        assert rows.stop <= tile_rows.stop
+        assert tile_cols.start <= cols.start
+        assert cols.stop <= tile_cols.stop
 
 
 def test_overlap_must_be_below_tile():
