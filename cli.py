@@ -198,7 +198,8 @@ class _progress_bar:
         from tqdm import tqdm
 
         if self.bar is None:
-            self.bar = tqdm(total=total, unit=self.unit, file=sys.stderr, leave=False)
+            self.bar = tqdm(total=total, unit=self.unit, file=sys.stderr, leave=False,
+                            disable=not sys.stderr.isatty())
         self.bar.update(done - self.bar.n)
 
     def __exit__(self, *exc_info) -> None:

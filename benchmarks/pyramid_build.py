@@ -11,7 +11,8 @@ EXIF orientation, greyscale conversion) so that only the pyramid and writing dif
   (``skimage.transform.resize`` with anti-aliasing), the same levels, chunks, shards and
   compressor, and dask's synchronous scheduler (one thread, like the build with workers=0).
 
-A last row runs ``build_store(workers=2)`` for the parallel throughput.
+The row of all images also runs ``build_store(workers=2)`` for the parallel throughput; its time
+includes starting the worker processes.
 
 Usage:
     python benchmarks/pyramid_build.py [--data ../shared/data/radiographs] [--small 60]
@@ -27,6 +28,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPOSITORY))
@@ -42,8 +44,8 @@ DICOM_FILES = ("RG2_UNC.dcm", "RG2_JPLL.dcm", "RG1_J2KI.dcm", "MG1_J2KI.dcm",
 SALT = "benchmark"
 
 
-def select_files(data: Path, small: int, large: int) -> list[Path]:
-    """Return FracAtlas JPEGs (``small`` of 373 x 454, ``large`` of 2304 x 2880) and DICOMs."""
+def select_files(data: Path, small: int, large: int) -> tuple[list[Path], list[Path], list[Path]]:
+    """Return (``small`` FracAtlas JPEGs of 373 x 454, ``large`` of 2304 x 2880, DICOM files)."""
     from PIL import Image
 
     small_files, large_files = [], []
@@ -56,7 +58,7 @@ def select_files(data: Path, small: int, large: int) -> list[Path]:
             large_files.append(path)
         if len(small_files) >= small and len(large_files) >= large:
             break
-    return small_files + large_files + [data / "dicom" / name for name in DICOM_FILES]
+    return small_files, large_files, [data / "dicom" / name for name in DICOM_FILES]
 
 
 def decode_all(files: list[Path]) -> list:
@@ -114,6 +116,37 @@ def best_time(function: Callable[[list[Path], Path], None], files: list[Path],
     return best_wall, best_cpu
 
 
+def measure_group(name: str, files: list[Path], repeats: int, parallel: bool) -> dict[str, Any]:
+    """Time every variant on one group of files; return the numbers of one table row."""
+    megapixels = sum(pixels.size for pixels in decode_all(files)) / 1e6
+    variants: dict[str, Callable[[list[Path], Path], None]] = {
+        "decode": run_decode, "build": run_build, "ome_zarr": run_ome_zarr}
+    if parallel:
+        variants["build_2_workers"] = lambda group, out: run_build(group, out, workers=2)
+    row: dict[str, Any] = {"group": name, "files": len(files), "megapixels": megapixels}
+    for variant, function in variants.items():
+        row[variant] = best_time(function, files, repeats)
+    return row
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    """Print the results as a Markdown table (megapixels per second of wall time)."""
+    print("| images | files | MP | decode MP/s | build MP/s | ome-zarr-py MP/s | "
+          "build time / decode time | build speed / ome-zarr-py | build, 2 workers MP/s |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        rates = {key: row["megapixels"] / row[key][0] for key in
+                 ("decode", "build", "ome_zarr", "build_2_workers") if key in row}
+        parallel = f"{rates['build_2_workers']:.1f}" if "build_2_workers" in rates else ""
+        print(f"| {row['group']} | {row['files']} | {row['megapixels']:.1f} | "
+              f"{rates['decode']:.1f} | {rates['build']:.1f} | {rates['ome_zarr']:.1f} | "
+              f"{row['build'][0] / row['decode'][0]:.2f} | "
+              f"{row['ome_zarr'][0] / row['build'][0]:.2f} | {parallel} |")
+    print("\nCPU seconds of this process (decode / build / ome-zarr-py): " + "; ".join(
+        f"{row['group']}: {row['decode'][1]:.2f} / {row['build'][1]:.2f} / "
+        f"{row['ome_zarr'][1]:.2f}" for row in rows))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA,
@@ -130,24 +163,14 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(1)
-    files = select_files(arguments.data, arguments.small, arguments.large)
-    images = decode_all(files)
-    megapixels = sum(pixels.size for pixels in images) / 1e6
-    print(f"{len(files)} files, {megapixels:.1f} megapixels (largest "
-          f"{max(pixels.size for pixels in images) / 1e6:.1f}), best of {arguments.repeats}")
-
-    variants = [("decode only", run_decode), ("build_store, workers=0", run_build),
-                ("ome-zarr-py write_image", run_ome_zarr),
-                ("build_store, workers=2", lambda files, out: run_build(files, out, workers=2))]
-    results = {name: best_time(function, files, arguments.repeats) for name, function in variants}
-
-    print("| variant | wall s | MP/s (wall) | CPU s (this process) |")
-    print("|---|---|---|---|")
-    for name, (wall, cpu) in results.items():
-        print(f"| {name} | {wall:.2f} | {megapixels / wall:.1f} | {cpu:.2f} |")
-    build_wall = results["build_store, workers=0"][0]
-    print(f"\nbuild / decode time: {build_wall / results['decode only'][0]:.2f}x; "
-          f"build speed / ome-zarr-py speed: {results['ome-zarr-py write_image'][0] / build_wall:.2f}x")
+    small, large, dicom = select_files(arguments.data, arguments.small, arguments.large)
+    groups = [("FracAtlas JPEG 373 x 454", small), ("FracAtlas JPEG 2304 x 2880", large),
+              ("DICOM: " + ", ".join(path.stem for path in dicom), dicom),
+              ("all of the above", small + large + dicom)]
+    rows = [measure_group(name, files, arguments.repeats, parallel=name.startswith("all"))
+            for name, files in groups if files]
+    print(f"best of {arguments.repeats} runs per variant")
+    print_table(rows)
 
 
 if __name__ == "__main__":

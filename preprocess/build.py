@@ -4,10 +4,10 @@ Steps:
 
 1. Find the input files, read the label table, check the salt and the store.
 2. Lock the store, delete leftovers of interrupted builds, read the images already present.
-3. Ingest every file in worker processes (``ingest.ingest_file``): files whose images are all
-   present (same content hash, same salt) are skipped without decoding. A worker that dies (a
-   decoder crash, the out-of-memory killer) fails only the file it was decoding: the files that
-   were running are retried one at a time in a fresh process.
+3. Ingest every file in worker processes (``ingest.ingest_file``). Files whose images are all
+   present (same content hash, same salt) are skipped without decoding. When a worker dies (a
+   decoder crash, the out-of-memory killer), the files that were running are retried one at a
+   time in a fresh process, so only the file that kills its process fails.
 4. Rewrite ``catalog.csv`` (every 30 s and at the end) and ``failed.csv`` atomically, and the
    ``--manifest`` file when one was requested.
 
@@ -47,6 +47,7 @@ from preprocess.writer import (ChunkLayout, build_lock, layout_options, prepare_
 log = logging.getLogger(__name__)
 
 CATALOG_INTERVAL_S = 30.0
+Work = Callable[[FileTask, IngestConfig], FileResult]
 WORKER_PRELOAD = ["preprocess.build", "preprocess.readers.dicom", "preprocess.readers.raster",
                   "torch", "numcodecs.blosc"]
 
@@ -107,7 +108,7 @@ class BuildOptions:
 
 @dataclass
 class BuildSummary:
-    """What a build did.
+    """Counts and failures of one build.
 
     Attributes:
         store: the store folder.
@@ -175,7 +176,7 @@ def build_store(sources: list[Path], out: Path, labels_csv: Path | None = None,
         progress: called as progress(files done, files total) after each file.
         **options: fields of :class:`BuildOptions`.
     Returns:
-        BuildSummary; per-file failures are in it, never raised.
+        BuildSummary. Per-file failures are recorded in it and not raised.
     Raises:
         ValueError: invalid options, label table or missing salt.
         StoreError: ``out`` is not a compatible store, or another build holds it.
@@ -321,22 +322,28 @@ def _ingest_or_reject(task: FileTask, config: IngestConfig) -> FileResult:
 
 
 def _run_tasks(tasks: list[FileTask], config: IngestConfig, workers: int,
-               on_result: Callable[[FileResult], None]) -> None:
-    """Run all tasks in this process (workers=0) or in a pool, isolating crashing files."""
+               on_result: Callable[[FileResult], None], work: Work | None = None) -> None:
+    """Run all tasks in this process (workers=0) or in a pool, isolating crashing files.
+
+    Args:
+        work: the function run per task (``_ingest_or_reject``; tests pass one that crashes).
+    """
+    work = work or _ingest_or_reject
     if workers <= 0:
         with _one_thread_each():
             for task in tasks:
-                on_result(_ingest_or_reject(task, config))
+                on_result(work(task, config))
         return
     pending = list(tasks)
     while pending:
-        pending, suspects = _run_pool(pending, config, workers, on_result)
+        pending, suspects = _run_pool(pending, config, workers, on_result, work)
         for task in suspects:
-            _run_isolated(task, config, on_result)
+            _run_isolated(task, config, on_result, work)
 
 
 def _run_pool(tasks: list[FileTask], config: IngestConfig, workers: int,
-              on_result: Callable[[FileResult], None]) -> tuple[list[FileTask], list[FileTask]]:
+              on_result: Callable[[FileResult], None],
+              work: Work) -> tuple[list[FileTask], list[FileTask]]:
     """Run tasks in a process pool until done or until a worker dies.
 
     Returns:
@@ -345,7 +352,7 @@ def _run_pool(tasks: list[FileTask], config: IngestConfig, workers: int,
     pool = ProcessPoolExecutor(max_workers=min(workers, len(tasks)), mp_context=_context(),
                                initializer=_init_worker)
     try:
-        futures = {pool.submit(_ingest_or_reject, task, config): task for task in tasks}
+        futures = {pool.submit(work, task, config): task for task in tasks}
         outstanding: set[Future[FileResult]] = set(futures)
         while outstanding:
             running = {future for future in outstanding if future.running()}
@@ -383,11 +390,11 @@ def _split_after_crash(futures: dict[Future[FileResult], FileTask], unfinished: 
 
 
 def _run_isolated(task: FileTask, config: IngestConfig,
-                  on_result: Callable[[FileResult], None]) -> None:
+                  on_result: Callable[[FileResult], None], work: Work) -> None:
     """Run one task in its own process; a crash becomes the file's failure."""
     pool = ProcessPoolExecutor(max_workers=1, mp_context=_context(), initializer=_init_worker)
     try:
-        future = pool.submit(_ingest_or_reject, task, config)
+        future = pool.submit(work, task, config)
         if not _finish(future, on_result):
             return
     finally:

@@ -145,7 +145,8 @@ def _csv_text(columns: list[str], records: list[dict[str, str]]) -> str:
 def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to a temporary file beside ``path``, flush it to disk and rename it over.
 
-    A reader (or a process killed mid-write) sees either the old or the new file, never a part.
+    A reader, or a rerun after a process was killed mid-write, finds either the old or the new
+    file, never a part of one.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)

@@ -15,8 +15,8 @@ class SourceFile:
 
     Attributes:
         path: the file as reachable from the working directory (SRC joined with the relative part).
-        relative: POSIX path relative to the SRC folder it was found in (the file name for a file
-            SRC); it goes only to the manifest, never into the store.
+        relative: POSIX path relative to the SRC folder it was found in, or the file name for a file
+            SRC. It is used only for the key of an unreadable file and never stored.
         kind: reader kind from ``detect_kind``; None for an unsupported file named directly.
     """
 
@@ -29,8 +29,8 @@ def discover_sources(sources: list[Path], exclude: list[Path]) -> tuple[list[Sou
     """List the input files of the SRC arguments in a stable order.
 
     Folders are walked recursively, skipping hidden entries, ``*.zarr`` folders and the ``exclude``
-    folders (the output store). A file in a folder whose kind is unknown is ignored; a file named
-    directly is kept with kind None, so that it is reported as a failure.
+    folders (the output store). A file of unknown kind inside a folder is ignored. A file named
+    directly is kept with kind None, so that the build reports it as a failure.
 
     Args:
         sources: SRC arguments.

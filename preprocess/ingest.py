@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class FileTask:
-    """One input file and what the label table says about it.
+    """One input file and its label-table values.
 
     Attributes:
         index: position in the build's file list.
@@ -95,7 +95,8 @@ def ingest_file(task: FileTask, config: IngestConfig) -> FileResult:
         task: the file and its label-table values.
         config: store, read options, layout, pyramid and spacing settings.
     Returns:
-        FileResult; failures are recorded in it, never raised.
+        FileResult. Reader failures (IngestError) are recorded in it; ``build`` catches any other
+        exception per file.
     """
     kind = task.kind or "unknown"
     path = Path(task.path)

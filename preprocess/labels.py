@@ -2,7 +2,7 @@
 
 A label table is a CSV with a file column (path relative to the CSV's folder, such as
 ``images/IMG0000002.jpg``) and a label column. An input file is matched by its path relative to
-the CSV's folder; when that fails, by its file name, if exactly one row has that name.
+the CSV's folder. When that fails, it is matched by its file name, if exactly one row has it.
 """
 
 from __future__ import annotations

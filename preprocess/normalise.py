@@ -1,6 +1,6 @@
 """Intensity conventions of the store and conversions into them.
 
-The store holds one channel per image as uint16: 0..65535 stands for float 0..1, and high values
+The store keeps one channel per image as uint16: 0..65535 stands for float 0..1, and high values
 are dense (bone bright). Integer sources keep every level exactly: 8-bit value v becomes v * 257,
 16-bit values are stored unchanged. Other integer types are mapped linearly from their full type
 range; float sources already in [0, 1] are kept, other float data is scaled from its own minimum

@@ -113,7 +113,7 @@ def path_secrets(path: Path) -> list[str]:
 def scrub(text: str, secrets: Iterable[str], min_length: int = 3) -> str:
     """Replace every occurrence of each secret (and of each ``^``-separated name part) in ``text``.
 
-    Parts shorter than ``min_length`` characters are left alone: they identify nobody, and
+    Parts shorter than ``min_length`` characters are kept, because they identify no one and
     replacing them would blank out digits and words of the message.
     """
     parts: set[str] = set()

@@ -1,7 +1,7 @@
 """Patient-level train/val/test splits, stratified by label, seeded.
 
-All images of one patient share a split. Patients are grouped by their label (a patient with
-images of several labels forms the group "a+b"); each group is shuffled with its own generator,
+All images of one patient share a split. Patients are grouped by their label, and a patient with
+images of several labels forms the group "a+b". Each group is shuffled with its own generator,
 seeded from (seed, group name), and cut into test, val and train by the fractions, rounding half
 up. A group of 3 or more patients gets at least one test and one val patient (when those fractions
 are above 0) and keeps at least one train patient.

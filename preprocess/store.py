@@ -2,7 +2,7 @@
 
 Layout of ``STORE.zarr`` (a Zarr v3 group)::
 
-    zarr.json                     root group; attribute "femurgen" holds the build options
+    zarr.json                     root group; attribute "femurgen" stores the build options
     images/<image_id>/            OME-NGFF 0.5 multiscale group, arrays "0".."L-1", uint16 (y, x)
     catalog.csv, failed.csv       see ``preprocess.catalog``
     .partial/                     images being written (moved into images/ when complete)
@@ -76,7 +76,7 @@ def image_group_path(store: Path, image_id: str) -> Path:
 class PyramidStore:
     """Read access to a pyramid store by image id, level and region.
 
-    Construction reads nothing; the catalog and arrays open on first use, and pickling keeps only
+    Construction reads nothing, and the catalog and arrays open on first use. Pickling keeps only
     the path, so each DataLoader worker (fork or spawn) opens its own Zarr handles.
     """
 

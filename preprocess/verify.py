@@ -1,9 +1,9 @@
 """``pyramid verify`` and ``pyramid info``: check a store completely, or describe it.
 
-``verify_store`` re-reads every level of every image and checks: Zarr v3 only (no v2 metadata
-anywhere), catalog rows and image groups match one to one, NGFF metadata (levels, scale,
-translation), level shapes from the pyramid rule, dtype uint16, axis names, and the SHA-256 of
-each level's pixels against the checksum written at build time.
+``verify_store`` re-reads every level of every image. It checks that the store has no Zarr v2
+metadata and that catalog rows and image groups match one to one. Per image it checks the NGFF
+metadata (levels, scale, translation), the level shapes of the pyramid rule, dtype uint16, the
+axis names, and the SHA-256 of each level's pixels against the checksum written at build time.
 """
 
 from __future__ import annotations

@@ -5,9 +5,9 @@ An image is written as a complete Zarr group under ``.partial/`` and then rename
 leaves either a complete image or a leftover under ``.partial/``, which the next build deletes.
 A rename onto an existing image (the same content written twice) is dropped as a duplicate.
 
-Chunks: inner chunks of ``chunk_size`` pixels (256 by default, so a random 64..256 pixel patch
-touches 1 to 4 of them) inside Zarr v3 shards of up to ``shard_size`` pixels, so a level of up to
-4096 x 4096 pixels is one file. Compression: Blosc with zstd level 1 and bit shuffle by default.
+Chunks are ``chunk_size`` pixels square (256 by default), so a random 64..256 pixel patch touches
+1 to 4 of them. They sit in Zarr v3 shards of up to ``shard_size`` pixels, which makes a level of
+up to 4096 x 4096 pixels one file. Compression: Blosc with zstd level 1 and bit shuffle.
 
 Image groups are encoded here rather than through ``zarr.Array.__setitem__``: the metadata
 documents come from zarr itself (a template array made once per layout, with the shapes filled
@@ -144,6 +144,7 @@ def write_array(folder: Path, pixels: np.ndarray, layout: ChunkLayout) -> None:
     _write_json(folder / ZARR_V3_METADATA, array_metadata(pixels.shape, chunks, shards, layout))
     codec = layout.chunk_codec()
     outer = shards or chunks
+    (folder / "c").mkdir()
     for row in range(math.ceil(pixels.shape[0] / outer[0])):
         row_folder = folder / "c" / str(row)
         for column in range(math.ceil(pixels.shape[1] / outer[1])):
@@ -154,7 +155,7 @@ def write_array(folder: Path, pixels: np.ndarray, layout: ChunkLayout) -> None:
             if data is None:
                 continue
             if not row_folder.exists():
-                row_folder.mkdir(parents=True)
+                row_folder.mkdir()
             (row_folder / str(column)).write_bytes(data)
 
 

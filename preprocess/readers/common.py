@@ -17,8 +17,8 @@ class ReadOptions:
     """How readers decode files.
 
     Attributes:
-        voi: "first" applies the first VOI LUT or window of a DICOM file as pydicom does;
-            "none" keeps the modality values scaled to the range the stored bits can take.
+        voi: "first" applies the first VOI LUT or window of a DICOM file as pydicom does.
+            "none" keeps the modality values, scaled from the range the stored bits allow.
         max_megapixels: images above this many pixels (per frame, in millions) are rejected from
             their header, before any pixel is decoded.
         h5_dataset: path of the dataset inside HDF5 files; None picks the only image dataset.
@@ -79,7 +79,7 @@ def check_megapixels(height: int, width: int, options: ReadOptions) -> None:
 def check_frame_count(frames: int, options: ReadOptions) -> None:
     """Raise IngestError for a multi-image file when ``options.multiframe`` is "refuse"."""
     if frames > 1 and options.multiframe == "refuse":
-        raise IngestError(f"file holds {frames} frames and --multiframe is refuse; use "
+        raise IngestError(f"file contains {frames} frames and --multiframe is refuse; use "
                           "--multiframe each to store every frame as its own image")
 
 

@@ -2,18 +2,19 @@
 
 Steps for each frame (DICOM PS3.3 C.11 grayscale pipeline):
 
-1. Decode with pydicom (``pydicom.pixels.pixel_array``; pylibjpeg, GDCM and pydicom's RLE do the
-   compressed transfer syntaxes), with pydicom's unused-bit correction turned off so that step 2
-   sees the container values.
+1. Decode with pydicom (``pydicom.pixels.pixel_array``). pylibjpeg, GDCM and pydicom's own RLE
+   decoder handle the compressed transfer syntaxes. pydicom's unused-bit correction is turned off,
+   so step 2 gets the container values.
 2. Stored values: take BitsStored bits ending at HighBit (junk in the other bits is dropped) and
    sign-extend them when PixelRepresentation is 1. This runs for every transfer syntax.
 3. A decoder result with one value everywhere is a failure, never a blank image.
 4. Modality transform: ``apply_modality_lut`` (Rescale Slope/Intercept in float64, or the Modality
    LUT Sequence).
-5. VOI: with ``voi="first"``, the first VOI LUT (preferred) or window, as ``apply_voi_lut`` chooses
-   them, through ``apply_voi`` or ``apply_windowing``; the result is scaled from pydicom's output
-   range to [0, 1]. With ``voi="none"`` or without a VOI module, the modality values are scaled
-   from the range the modality transform gives over all storable values.
+5. VOI: with ``voi="first"``, the first VOI LUT (preferred) or window is applied, chosen as
+   ``apply_voi_lut`` chooses and run through ``apply_voi`` or ``apply_windowing``. Its output is
+   scaled from pydicom's output range to [0, 1]. With ``voi="none"`` or without a VOI module, the
+   modality values are scaled from the range the modality transform gives over all storable
+   values.
 6. Polarity: inverted once when the image is MONOCHROME1 or its Presentation LUT Shape is INVERSE
    (the DX and MG modules require INVERSE exactly for MONOCHROME1, so both mean one inversion).
 
@@ -54,7 +55,8 @@ log = logging.getLogger(__name__)
 DEFER_SIZE = "256 KB"
 # Spacing attributes in order of preference: calibrated at the patient, at the detector, scanned.
 SPACING_KEYWORDS = ("PixelSpacing", "ImagerPixelSpacing", "NominalScannedPixelSpacing")
-MAX_MODALITY_RAMP = 1 << 17
+# Stored ranges up to this many values run the grayscale pipeline once per value (a lookup).
+MAX_LOOKUP_VALUES = 1 << 17
 
 
 def read_dicom(path: Path, options: ReadOptions) -> Iterator[DecodedImage]:
@@ -84,8 +86,8 @@ def read_dicom(path: Path, options: ReadOptions) -> Iterator[DecodedImage]:
 def quiet_pydicom() -> Iterator[None]:
     """Silence pydicom's warnings and log records while a file is read.
 
-    pydicom reports invalid element values with the value in the text, which can be a name or a
-    birth date; nothing of it may reach the logs.
+    pydicom reports invalid element values with the value in the text. That value can be a name
+    or a birth date, so none of these messages may reach the logs.
     """
     settings = pydicom.config.settings
     previous_mode = settings.reading_validation_mode
@@ -229,7 +231,7 @@ def dicom_spacing(dataset: Dataset) -> tuple[tuple[float, float] | None, str]:
 
 
 def _check_frames_present(dataset: Dataset, rows: int, columns: int, frames: int) -> None:
-    """Raise IngestError when the pixel data holds fewer frames than NumberOfFrames declares."""
+    """Raise IngestError when the pixel data contains fewer frames than NumberOfFrames declares."""
     data = dataset.PixelData
     if transfer_syntax(dataset).is_encapsulated:
         available = _encapsulated_frame_count(dataset, data, frames)
@@ -240,8 +242,8 @@ def _check_frames_present(dataset: Dataset, rows: int, columns: int, frames: int
         if frames == 1:
             raise IngestError(f"pixel data is truncated ({len(data)} bytes hold no complete "
                               f"{columns} x {rows} frame)")
-        raise IngestError(f"NumberOfFrames is {frames} but the pixel data holds only {available} "
-                          "frames; the file is truncated or NumberOfFrames is wrong")
+        raise IngestError(f"NumberOfFrames is {frames} but the pixel data contains only "
+                          f"{available} frames; the file is truncated or NumberOfFrames is wrong")
 
 
 def _encapsulated_frame_count(dataset: Dataset, data: bytes, frames: int) -> int:
@@ -283,7 +285,7 @@ def _decode_raw(dataset: Dataset, frame: int) -> np.ndarray:
     """Run pydicom's decoder for one frame, with the container bits left as decoded.
 
     JPEG 2000 tries pylibjpeg (OpenJPEG) first, because it decoded the test radiographs 1.6 to 1.7
-    times faster than GDCM, pydicom's first choice; any failure falls back to all plugins.
+    times faster than GDCM, pydicom's first choice. Any failure falls back to all plugins.
     """
     syntax = transfer_syntax(dataset)
     if syntax in JPEG2000TransferSyntaxes:
@@ -359,12 +361,12 @@ def _greyscale_to_store(stored: np.ndarray, dataset: Dataset, photometric: str,
                         options: ReadOptions) -> tuple[np.ndarray, dict[str, str]]:
     """Run the grayscale pipeline and look every pixel up in its result.
 
-    All steps act on each stored value alone, so for up to 17 stored bits the pipeline runs once
-    over every storable value and the image is a table lookup; the values are the same as when
-    the pipeline runs on the image.
+    Every step maps each stored value on its own. So for up to 17 stored bits the pipeline runs
+    once over every storable value, and the image is a lookup in that table. The result equals
+    running the pipeline on the image.
     """
     low, high = stored_range(dataset)
-    if high - low >= MAX_MODALITY_RAMP:
+    if high - low >= MAX_LOOKUP_VALUES:
         pixels, facts = grayscale_pipeline(stored, dataset, photometric, options)
     else:
         table, facts = grayscale_pipeline(np.arange(low, high + 1, dtype=np.int64), dataset,
@@ -415,7 +417,7 @@ def modality_transform_kind(dataset: Dataset) -> str:
 def modality_range(dataset: Dataset) -> tuple[float, float]:
     """Return (min, max) of the modality transform over every value BitsStored allows."""
     low, high = stored_range(dataset)
-    if high - low < MAX_MODALITY_RAMP:
+    if high - low < MAX_LOOKUP_VALUES:
         inputs = np.arange(low, high + 1, dtype=np.int64)
     else:
         inputs = np.array([low, high], dtype=np.int64)
@@ -461,8 +463,8 @@ def window_output_range(dataset: Dataset) -> tuple[float, float]:
     """Return the (y_min, y_max) that ``apply_windowing`` maps below and above the window to.
 
     pydicom 3.0 passes the stored range through the rescale, so with a negative slope y_min is
-    the larger number; scaling with (y - y_min) / (y_max - y_min) still maps values below the
-    window to 0, as the standard's LINEAR function does.
+    the larger number. Scaling with (y - y_min) / (y_max - y_min) still maps values below the
+    window to 0, as the LINEAR function of DICOM PS3.3 C.11.2.1.2 does.
     """
     if dataset.get("ModalityLUTSequence"):
         depth = int(dataset.ModalityLUTSequence[0].LUTDescriptor[2])
@@ -474,7 +476,7 @@ def window_output_range(dataset: Dataset) -> tuple[float, float]:
         slope, intercept = float(dataset.RescaleSlope), float(dataset.RescaleIntercept)
         y_min, y_max = y_min * slope + intercept, y_max * slope + intercept
     if y_min == y_max:
-        raise IngestError("the window output range is empty (RescaleSlope is 0?)")
+        raise IngestError("the window output range is empty because RescaleSlope is 0")
     return y_min, y_max
 
 
@@ -490,9 +492,9 @@ def _presentation_lut_to_store(values: np.ndarray, low: float, high: float,
                                dataset: Dataset) -> tuple[np.ndarray, str]:
     """Map VOI output through the Presentation LUT Sequence to store values (P-values).
 
-    pydicom's ``apply_presentation_lut`` scales its input by the image's own minimum and maximum;
-    it is applied here to the full input ramp instead, and the VOI output is indexed into it by its
-    position in [low, high].
+    pydicom's ``apply_presentation_lut`` scales its input by the image's own minimum and maximum.
+    So it is applied to the full input ramp, and each VOI output value picks its table entry by
+    its position in [low, high].
     """
     # NOTE: the LUT output is taken as P-values (high = bright) with no further inversion for
     # MONOCHROME1; no file with a Presentation LUT Sequence was available to check this.

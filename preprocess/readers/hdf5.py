@@ -1,8 +1,8 @@
 """HDF5 datasets through h5py.
 
 The dataset is the one named by ``--h5-dataset``, or the only 2-D or 3-D numeric dataset of the
-file. A 2-D dataset (H, W) is one image; a 3-D dataset (N, H, W) is one image per leading index
-(a trailing axis of length 1 is dropped first). Integer data maps from its type range, float data
+file. A 2-D dataset (H, W) is one image, and a 3-D dataset (N, H, W) is one image per leading
+index. A trailing axis of length 1 is dropped first. Integer data maps from its type range, float data
 from [0, 1] or from its own range (``normalise``). Spacing comes from a ``spacing_mm`` attribute
 (one or two values) or an ``element_size_um`` attribute (the last two values, in micrometres).
 """
@@ -69,7 +69,7 @@ def _select_dataset(handle: object, name: str | None) -> object:
 
     handle.visititems(collect)  # type: ignore[attr-defined]
     if len(candidates) != 1:
-        raise IngestError(f"file holds {len(candidates)} image-shaped datasets; name one with "
+        raise IngestError(f"file contains {len(candidates)} image-shaped datasets; name one with "
                           "--h5-dataset PATH")
     return candidates[0]
 

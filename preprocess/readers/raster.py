@@ -90,7 +90,7 @@ def _decode_pillow_frame(image: Image.Image, kind: str, frame: int, frames: int)
         text = str(error)
         if "truncated" in text:
             raise IngestError(f"truncated {kind.upper()}: the image data ends before the last "
-                              f"row ({text})") from None
+                              "row") from None
         raise IngestError(f"cannot decode the {kind.upper()} image data ({text})") from None
     upright = ImageOps.exif_transpose(image)
     pixels, intensity = pillow_to_store(upright)

@@ -15,9 +15,12 @@ import numpy as np
 import pytest
 
 from preprocess import privacy
-from preprocess.build import build_store
+from preprocess.build import _run_tasks, build_store
 from preprocess.catalog import CORE_COLUMNS, read_catalog, read_failures
 from preprocess.errors import StoreError
+from preprocess.ingest import FileResult, FileTask, IngestConfig
+from preprocess.readers import ReadOptions
+from preprocess.writer import ChunkLayout
 from tests.preprocess.conftest import SMALL_LAYOUT
 from tests.preprocess.factory import SALT, ramp, write_dicom
 
@@ -224,3 +227,22 @@ def test_existing_folder_not_overwritten(inputs, tmp_path):
     with pytest.raises(StoreError, match="not a pyramid store"):
         build(inputs, folder)
     assert (folder / "thesis.txt").read_text() == "keep me"
+
+
+def crash_on_second_file(task: FileTask, config: IngestConfig) -> FileResult:
+    """A task function whose process dies on the task with index 1, like a crashing decoder."""
+    if task.index == 1:
+        os._exit(3)
+    return FileResult(task.index, f"key{task.index}", "png")
+
+
+def test_crashing_file_fails_alone(tmp_path):
+    tasks = [FileTask(index, str(tmp_path / f"f{index}"), f"f{index}", "png", "x")
+             for index in range(5)]
+    config = IngestConfig(store=str(tmp_path), read=ReadOptions(), layout=ChunkLayout())
+    results = []
+    _run_tasks(tasks, config, 2, results.append, work=crash_on_second_file)
+    by_index = {result.index: result for result in results}
+    assert sorted(by_index) == [0, 1, 2, 3, 4]
+    assert "process died" in by_index[1].failures[0].reason
+    assert all(not by_index[index].failures for index in (0, 2, 3, 4))

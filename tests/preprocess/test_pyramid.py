@@ -53,8 +53,8 @@ def test_odd_edge_repeats_last_row():
     image[2] = 60000
     half = pyramid.downsample_2x(image)
     assert half.shape == (2, 2)
-    # Output row 1 covers row 2 and its copy (3/8 each) and row 1 (1/8); the weight of row 4,
-    # outside the image, is dropped and the rest renormalised.
+    # Output row 1 covers row 2 and its copy (3/8 each) and row 1 (1/8). Row 4 is outside the
+    # image, so its weight is dropped and the rest renormalised.
     assert np.all(half[1] == round(60000 * 6 / 7))
 
 

@@ -104,7 +104,7 @@ def test_no_identifier_reaches_store(dicom_store):
             "*.dcm")]:
         with quiet_pydicom():
             dataset = pydicom.dcmread(path, force=True, stop_before_pixels=True)
-        secrets.update(value for value in identifying_values(dataset) if len(value) >= 4)
+            secrets.update(value for value in identifying_values(dataset) if len(value) >= 4)
         secrets.add(path.stem)
     texts = [path.read_text("utf-8") for path in store.rglob("*")
              if path.is_file() and path.suffix in (".json", ".csv")]

@@ -267,7 +267,7 @@ def test_missing_frames_native(tmp_path):
     dataset = dicom_dataset(np.stack([ramp(), ramp(seed=1)]))
     dataset.NumberOfFrames = 3
     dataset.save_as(tmp_path / "a.dcm", enforce_file_format=True)
-    with pytest.raises(IngestError, match="NumberOfFrames is 3 but the pixel data holds only 2"):
+    with pytest.raises(IngestError, match="NumberOfFrames is 3 but the pixel data contains only 2"):
         decode(tmp_path / "a.dcm")
 
 

@@ -179,12 +179,17 @@ def test_error_has_no_file_name(tmp_path):
     assert str(tmp_path) not in str(caught.value)
 
 
-def test_pyramidal_8bit_tiff_via_openslide(tmp_path):
-    pixels = np.random.default_rng(3).integers(0, 256, (256, 320)).astype(np.uint8)
-    with tifffile.TiffWriter(tmp_path / "a.tif") as tiff:
+def write_pyramid_tiff(path, pixels):
+    """Write a tiled two-level TIFF pyramid (level 1 as a reduced-resolution page)."""
+    with tifffile.TiffWriter(path) as tiff:
         tiff.write(pixels, tile=(64, 64), photometric="minisblack")
         tiff.write(pixels[::2, ::2].copy(), tile=(64, 64), subfiletype=1,
                    photometric="minisblack")
+
+
+def test_pyramidal_8bit_tiff_via_openslide(tmp_path):
+    pixels = np.random.default_rng(3).integers(0, 256, (256, 320)).astype(np.uint8)
+    write_pyramid_tiff(tmp_path / "a.tif", pixels)
     image, = decode(tmp_path / "a.tif")
     assert image.attributes["source_kind"] == "openslide"
     assert np.array_equal(image.pixels, pixels.astype(np.uint16) * 257)
@@ -192,10 +197,7 @@ def test_pyramidal_8bit_tiff_via_openslide(tmp_path):
 
 def test_pyramidal_16bit_tiff_via_tifffile(tmp_path):
     pixels = image16(256, 320)
-    with tifffile.TiffWriter(tmp_path / "a.tif") as tiff:
-        tiff.write(pixels, tile=(64, 64), photometric="minisblack")
-        tiff.write(pixels[::2, ::2].copy(), tile=(64, 64), subfiletype=1,
-                   photometric="minisblack")
+    write_pyramid_tiff(tmp_path / "a.tif", pixels)
     image, = decode(tmp_path / "a.tif")
     assert image.attributes["source_kind"] == "tiff"
     assert np.array_equal(image.pixels, pixels)
