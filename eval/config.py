@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 EXTRACTORS = ("radiomics", "encoder", "inception")
 CLASSIFIER_ARCHS = ("resnet10", "resnet18", "resnet34", "densenet121")
 
 
-def resolve_device(name: str) -> "torch.device":
+def resolve_device(name: str) -> torch.device:
     """Return the torch device of the `device` setting, raising when CUDA is requested but missing."""
     import torch
 

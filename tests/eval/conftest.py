@@ -45,7 +45,7 @@ def smooth_field(rng: np.random.Generator, height: int, width: int) -> np.ndarra
     return field
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def store_path(tmp_path_factory):
     if not FRACATLAS.is_dir():
         pytest.skip(f"real radiographs not found at {FRACATLAS}")
@@ -66,7 +66,7 @@ def store_path(tmp_path_factory):
     return folder / "store.zarr"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def planted_id(store_path):
     """Id of the training image copied into the synthetic folder."""
     from preprocess.store import PyramidStore
@@ -74,7 +74,7 @@ def planted_id(store_path):
     return sorted(row.image_id for row in PyramidStore(store_path).rows(split="train"))[0]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def planted_name(store_path, planted_id):
     """Name of the planted copy in the synthetic folder."""
     from preprocess.store import PyramidStore
@@ -82,7 +82,7 @@ def planted_name(store_path, planted_id):
     return f"{PyramidStore(store_path).row(planted_id).label}_00002"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def synthetic_dir(store_path, planted_id, tmp_path_factory):
     from preprocess.store import PyramidStore
 
@@ -94,3 +94,13 @@ def synthetic_dir(store_path, planted_id, tmp_path_factory):
     label = store.row(planted_id).label
     write_synthetic(folder, f"{label}_00002", label, store.read_level(planted_id, 0), 2)
     return folder
+
+
+@pytest.fixture(scope="session")
+def alexnet_features():
+    """State dict of a randomly initialised torchvision AlexNet `features` block (the LPIPS backbone)."""
+    import torch
+    from torchvision.models import alexnet
+
+    torch.manual_seed(0)
+    return {key: value.contiguous() for key, value in alexnet(weights=None).features.state_dict().items()}

@@ -2,9 +2,6 @@
 
 import csv
 import json
-from html.parser import HTMLParser
-
-import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -22,10 +19,8 @@ def _run(*args):
 
 
 @pytest.fixture(scope="module")
-def local_weights(tmp_path_factory):
+def local_weights(tmp_path_factory, alexnet_features):
     """A TorchScript stand-in for Inception (2048 features) and a random AlexNet backbone for LPIPS."""
-    from torchvision.models import alexnet
-
     folder = tmp_path_factory.mktemp("weights")
 
     class Probe(torch.nn.Module):
@@ -33,9 +28,7 @@ def local_weights(tmp_path_factory):
             return torch.nn.functional.adaptive_avg_pool2d(x, 1).flatten(1).repeat(1, 683)[:, :2048]
 
     torch.jit.script(Probe()).save(str(folder / "inception-fid.pt"))
-    torch.manual_seed(0)
-    state = {k: v.contiguous() for k, v in alexnet(weights=None).features.state_dict().items()}
-    save_file(state, str(folder / "lpips-alex.safetensors"))
+    save_file(alexnet_features, str(folder / "lpips-alex.safetensors"))
     return folder
 
 

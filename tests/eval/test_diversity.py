@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-import torch
 from safetensors.torch import save_file
 
 from eval.diversity import LocalLPIPS, lpips_pairs, ms_ssim_pairs, pair_indices
@@ -10,13 +9,10 @@ from eval.weights import WeightsError, sha256_file
 
 
 @pytest.fixture(scope="module")
-def backbone(tmp_path_factory):
-    """Random AlexNet features saved as the cache file would hold them."""
-    from torchvision.models import alexnet
-
-    torch.manual_seed(0)
+def backbone(tmp_path_factory, alexnet_features):
+    """Random AlexNet features saved as the cache file would contain them."""
     path = tmp_path_factory.mktemp("weights") / "lpips-alex.safetensors"
-    save_file({k: v.contiguous() for k, v in alexnet(weights=None).features.state_dict().items()}, str(path))
+    save_file(alexnet_features, str(path))
     return path
 
 

