@@ -378,7 +378,7 @@ def synthesize_command(global_run, patch_run, out, count, label, size, seed, min
 
 
 # --- eval commands ---
-EVAL_ERRORS = (FileNotFoundError, ValueError, RuntimeError)  # library errors that name the file, value and fix
+EVAL_ERRORS = (OSError, ValueError, RuntimeError)  # library errors that name the file, value and fix
 
 
 def _eval_config(preset, overrides, allow_small: bool = False):

@@ -133,6 +133,9 @@ def read_global_sets(context: Context) -> tuple[ImageSet, ImageSet]:
     return real, fake
 
 
+DISTANCE_METRICS = ("fid", "kid", "precision", "recall", "density", "coverage")
+
+
 def distance_records(real: np.ndarray, fake: np.ndarray, context: Context, step: str) -> dict[str, Any]:
     """FID, KID and precision/recall/density/coverage of two feature tables, each a record."""
     settings = context.config.distance
@@ -183,6 +186,11 @@ def grouped_distances(context: Context, real: ImageSet, fake: ImageSet, step: st
         for label in sorted(set(fake.labels)):
             real_mask = np.array([item == label for item in real.labels], bool)
             fake_mask = np.array([item == label for item in fake.labels], bool)
+            if not real_mask.any():
+                reason = f"no real image with label {label!r} in this sample of the store"
+                per_group[label] = {"n_real": 0, "n_synthetic": int(fake_mask.sum()),
+                                    **{metric: not_computed(reason) for metric in DISTANCE_METRICS}}
+                continue
             per_group[label] = distance_records(real_features[real_mask], fake_features[fake_mask], context,
                                                 f"{step}{name}{label}")
         result[name] = per_group

@@ -128,15 +128,16 @@ def run_classification(real_store: Path, synthetic_dir: Path, out_dir: Path, con
 
 def write_classify_report(path: Path, result: dict[str, Any]) -> None:
     """Write a one-table HTML page of the classification results with their intervals."""
-    rows = [[name, f"<td>{run.get('n_train', 0)}</td>", *[report.format_record(run[m]) for m in METRICS]]
-            for name, run in result["runs"].items()]
+    rows = [[name, f"<td>{run.get('n_train', 0)}</td>", ", ".join(run.get("labels_missing_in_training", [])) or "none",
+             *[report.format_record(run[m]) for m in METRICS]] for name, run in result["runs"].items()]
     fidelity_rows = [[name, report.format_record(record)] for name, record in result["label_fidelity"].items()]
     confidence = result["config"]["classify"]["confidence"]
     page = (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>femurgen classifier utility</title>"
             f"<style>{report.STYLE}</style></head><body><h1>Classifier utility (train on X, test on real)</h1>"
             f"<p>Test split: {result['test']['n']} real images {html.escape(str(result['test']['per_label']))}; "
             f"positive label: {html.escape(result['positive_label'])}; intervals: {confidence:.0%} bootstrap.</p>"
-            + report.table(["trained on", "n train", "AUC", "accuracy", "sensitivity", "specificity"], rows)
+            + report.table(["trained on", "n train", "labels missing in training", "AUC", "accuracy", "sensitivity",
+                            "specificity"], rows)
             + "<h2>Label fidelity</h2><p>Share of synthetic images that the real-trained classifier assigns to the "
               "label they were generated for.</p>" + report.table(["label", "agreement"], fidelity_rows)
             + "</body></html>")
