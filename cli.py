@@ -106,7 +106,7 @@ def _store_errors():
 @click.option("--min-size", type=click.IntRange(1), default=64,
               help="The pyramid ends at the first level whose long side is at most this many "
                    "pixels.")
-@click.option("--chunk-size", type=click.IntRange(16, 4096), default=256,
+@click.option("--chunk-size", type=click.IntRange(16, 4096), default=128,
               help="Zarr chunk side in pixels (the unit of a patch read).")
 @click.option("--shard-size", type=click.IntRange(0), default=4096,
               help="Zarr v3 shard side in pixels, a multiple of --chunk-size; 0 writes no shards.")

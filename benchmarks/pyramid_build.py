@@ -14,9 +14,12 @@ EXIF orientation, greyscale conversion) so that only the pyramid and writing dif
 The row of all images also runs ``build_store(workers=2)`` for the parallel throughput; its time
 includes starting the worker processes.
 
+A second table reads random 64, 128 and 256 pixel patches from stores of the large JPEGs written
+with several chunk and shard sizes, the access pattern of patch training.
+
 Usage:
     python benchmarks/pyramid_build.py [--data ../shared/data/radiographs] [--small 60]
-        [--large 8] [--repeats 2]
+        [--large 8] [--repeats 2] [--reads 300]
 """
 
 from __future__ import annotations
@@ -130,21 +133,58 @@ def measure_group(name: str, files: list[Path], repeats: int, parallel: bool) ->
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
-    """Print the results as a Markdown table (megapixels per second of wall time)."""
+    """Print the results as a Markdown table: megapixels per second and time ratios.
+
+    Ratios are given for wall time and for CPU time of this process; on a shared machine the CPU
+    ratio is the steadier one.
+    """
     print("| images | files | MP | decode MP/s | build MP/s | ome-zarr-py MP/s | "
-          "build time / decode time | build speed / ome-zarr-py | build, 2 workers MP/s |")
+          "build / decode time (wall, CPU) | ome-zarr-py / build time (wall, CPU) | "
+          "build, 2 workers MP/s |")
     print("|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         rates = {key: row["megapixels"] / row[key][0] for key in
                  ("decode", "build", "ome_zarr", "build_2_workers") if key in row}
         parallel = f"{rates['build_2_workers']:.1f}" if "build_2_workers" in rates else ""
+        slower = [row["build"][kind] / row["decode"][kind] for kind in (0, 1)]
+        faster = [row["ome_zarr"][kind] / row["build"][kind] for kind in (0, 1)]
         print(f"| {row['group']} | {row['files']} | {row['megapixels']:.1f} | "
               f"{rates['decode']:.1f} | {rates['build']:.1f} | {rates['ome_zarr']:.1f} | "
-              f"{row['build'][0] / row['decode'][0]:.2f} | "
-              f"{row['ome_zarr'][0] / row['build'][0]:.2f} | {parallel} |")
-    print("\nCPU seconds of this process (decode / build / ome-zarr-py): " + "; ".join(
-        f"{row['group']}: {row['decode'][1]:.2f} / {row['build'][1]:.2f} / "
-        f"{row['ome_zarr'][1]:.2f}" for row in rows))
+              f"{slower[0]:.2f}, {slower[1]:.2f} | {faster[0]:.2f}, {faster[1]:.2f} | "
+              f"{parallel} |")
+
+
+def measure_reads(files: list[Path], reads: int) -> list[str]:
+    """Return Markdown rows: random patch reads per second for several chunk layouts.
+
+    Each layout stores ``files`` once; patches of 64, 128 and 256 pixels are read at random
+    level-0 positions with ``PyramidStore.read_region`` (seeded, the same positions per layout).
+    """
+    import numpy as np
+
+    from preprocess.store import PyramidStore
+
+    rows = []
+    for chunk, shard in ((128, 4096), (256, 4096), (128, 0), (256, 0)):
+        folder = Path(tempfile.mkdtemp(prefix="pyramid-reads-"))
+        build_store(files, folder / "s.zarr", workers=0, salt=SALT, chunk_size=chunk,
+                    shard_size=shard)
+        store = PyramidStore(folder / "s.zarr")
+        images = store.rows()
+        cells = []
+        for size in (64, 128, 256):
+            rng = np.random.default_rng(0)
+            started = time.perf_counter()
+            for _ in range(reads):
+                row = images[rng.integers(len(images))]
+                y0 = int(rng.integers(0, row.height - size))
+                x0 = int(rng.integers(0, row.width - size))
+                store.read_region(row.image_id, 0, y0, x0, size, size)
+            cells.append(f"{reads / (time.perf_counter() - started):.0f}")
+        shard_text = f"{shard} px shards" if shard else "no shards"
+        rows.append(f"| {chunk} px chunks, {shard_text} | " + " | ".join(cells) + " |")
+        shutil.rmtree(folder)
+    return rows
 
 
 def main() -> None:
@@ -155,6 +195,8 @@ def main() -> None:
     parser.add_argument("--small", type=int, default=60, help="FracAtlas 373 x 454 images.")
     parser.add_argument("--large", type=int, default=8, help="FracAtlas 2304 x 2880 images.")
     parser.add_argument("--repeats", type=int, default=2, help="Runs per variant; best is shown.")
+    parser.add_argument("--reads", type=int, default=300,
+                        help="Random patch reads per patch size for the layout table (0: skip).")
     arguments = parser.parse_args()
     if not (arguments.data / "fracatlas").is_dir():
         parser.error(f"--data {arguments.data} has no fracatlas folder; point it at the "
@@ -171,6 +213,12 @@ def main() -> None:
             for name, files in groups if files]
     print(f"best of {arguments.repeats} runs per variant")
     print_table(rows)
+    if arguments.reads and large:
+        print(f"\nrandom level-0 patch reads per second from the {len(large)} large JPEGs "
+              "(PyramidStore.read_region, one thread)")
+        print("| layout | 64 px | 128 px | 256 px |")
+        print("|---|---|---|---|")
+        print("\n".join(measure_reads(large, arguments.reads)))
 
 
 if __name__ == "__main__":

@@ -81,7 +81,7 @@ class BuildOptions:
     h5_dataset: str | None = None
     spacing_mm: float | None = None
     min_size: int = pyramid.DEFAULT_MIN_SIZE
-    chunk_size: int = 256
+    chunk_size: int = 128
     shard_size: int = 4096
     compression: str = "blosc-zstd"
     compression_level: int = 3

@@ -22,6 +22,7 @@ import numpy as np
 
 from preprocess import pyramid
 from preprocess.catalog import CATALOG_NAME, CatalogRow, read_catalog
+from preprocess.chunk_reader import ChunkReader
 from preprocess.errors import StoreError
 from preprocess.normalise import from_store_uint16
 
@@ -77,13 +78,15 @@ class PyramidStore:
     """Read access to a pyramid store by image id, level and region.
 
     Construction reads nothing, and the catalog and arrays open on first use. Pickling keeps only
-    the path, so each DataLoader worker (fork or spawn) opens its own Zarr handles.
+    the path, so each DataLoader worker (fork or spawn) opens its own handles. Pixels are read by
+    ``chunk_reader.ChunkReader`` (falling back to zarr for other array layouts).
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
         self._rows: dict[str, CatalogRow] | None = None
         self._arrays: OrderedDict[tuple[str, int], Any] = OrderedDict()
+        self._readers: OrderedDict[tuple[str, int], ChunkReader | None] = OrderedDict()
 
     def __getstate__(self) -> dict[str, str]:
         return {"path": str(self.path)}
@@ -131,13 +134,15 @@ class PyramidStore:
 
     def chunk_shape(self, image_id: str, level: int) -> tuple[int, int]:
         """Return the (cy, cx) read chunk shape of a level (the inner chunk when sharded)."""
-        chunks = self._array(image_id, level).chunks
+        self._read(image_id, level, 0, 1, 0, 1)
+        reader = self._readers[(image_id, level)]
+        chunks = reader.layout.chunk if reader is not None else self._array(image_id, level).chunks
         return int(chunks[0]), int(chunks[1])
 
     def read_level(self, image_id: str, level: int) -> np.ndarray:
         """Return a whole level as (H, W) float32 in [0, 1]."""
-        self.level_shape(image_id, level)
-        return from_store_uint16(self._array(image_id, level)[...])
+        height, width = self.level_shape(image_id, level)
+        return from_store_uint16(self._read(image_id, level, 0, height, 0, width))
 
     def read_region(self, image_id: str, level: int, y0: int, x0: int, height: int,
                     width: int) -> tuple[np.ndarray, np.ndarray]:
@@ -158,9 +163,28 @@ class PyramidStore:
         left, right = max(x0, 0), min(x0 + width, level_width)
         if top < bottom and left < right:
             inside = (slice(top - y0, bottom - y0), slice(left - x0, right - x0))
-            pixels[inside] = from_store_uint16(self._array(image_id, level)[top:bottom, left:right])
+            pixels[inside] = from_store_uint16(self._read(image_id, level, top, bottom, left,
+                                                          right))
             mask[inside] = 1.0
         return pixels, mask
+
+    def _read(self, image_id: str, level: int, top: int, bottom: int, left: int,
+              right: int) -> np.ndarray:
+        """Return stored uint16 pixels [top:bottom, left:right] of a level (inside the image)."""
+        key = (image_id, level)
+        if key not in self._readers:
+            path = image_group_path(self.path, image_id) / str(level)
+            if not (path / ZARR_V3_METADATA).exists():
+                raise StoreError(f"level {level} of image {image_id!r} is missing in {self.path}; "
+                                 "run `pyramid verify` and rebuild the store")
+            self._readers[key] = ChunkReader.open(path)
+            if len(self._readers) > OPEN_ARRAY_CACHE:
+                self._readers.popitem(last=False)
+        self._readers.move_to_end(key)
+        reader = self._readers[key]
+        if reader is None:
+            return self._array(image_id, level)[top:bottom, left:right]
+        return reader.read(top, bottom, left, right)
 
     def _array(self, image_id: str, level: int) -> Any:
         """Return the opened Zarr array of a level, keeping the most recent ones open."""
