@@ -73,6 +73,9 @@ class LayoutDataConfig:
     # Canvas shapes (height, width) in pixels for strategy buckets; each at most
     # model.resolution ** 2 pixels, sides divisible by the UNet's downsampling factor.
     buckets: tuple[tuple[int, int], ...] = ((64, 64), (56, 72), (72, 56), (48, 80), (80, 48))
+    # Keep fitted layouts in memory after the first read: up to (images x canvas pixels x 4)
+    # bytes in every DataLoader worker process.
+    cache_layouts: bool = False
 
 
 @dataclass
@@ -222,11 +225,13 @@ class LayoutDataset(torch.utils.data.Dataset):
     seed), where (H_c, W_c) is the canvas of the item.
     """
 
-    def __init__(self, store, rows, label_names: list[str], canvas_of_item: Sequence[Shape]):
+    def __init__(self, store, rows, label_names: list[str], canvas_of_item: Sequence[Shape],
+                 cache: bool = False):
         self.store = store
         self.rows = rows
         self.label_index = {name: i for i, name in enumerate(label_names)}
         self.canvas_of_item = list(canvas_of_item)
+        self.cache: dict[int, np.ndarray] | None = {} if cache else None
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -235,13 +240,22 @@ class LayoutDataset(torch.utils.data.Dataset):
         item, seed = key
         row = self.rows[item]
         canvas = self.canvas_of_item[item]
-        x0, mask = place_on_canvas(read_fitted(self.store, row, canvas), canvas)
+        x0, mask = place_on_canvas(self._fitted(item), canvas)
         spacing = row.spacing_mm if row.spacing_mm else 0.0
         size = size_features(torch.tensor([row.height]), torch.tensor([row.width]),
                              torch.tensor([spacing], dtype=torch.float32))[0]
         return {"x0": torch.from_numpy(x0), "mask": torch.from_numpy(mask),
                 "label": torch.tensor(self.label_index[row.label]), "size": size,
                 "seed": torch.tensor(seed)}
+
+    def _fitted(self, item: int) -> np.ndarray:
+        """Fitted image (h, w) in [0, 1] of ``item``, from the cache when enabled."""
+        if self.cache is not None and item in self.cache:
+            return self.cache[item]
+        image = read_fitted(self.store, self.rows[item], self.canvas_of_item[item])
+        if self.cache is not None:
+            self.cache[item] = image
+        return image
 
 
 class GlobalTask:
@@ -273,7 +287,8 @@ class GlobalTask:
 
     def dataset(self) -> LayoutDataset:
         canvases = [self.plan.shape_of_item(i) for i in range(len(self.rows))]
-        return LayoutDataset(self.store, self.rows, self.label_names, canvases)
+        return LayoutDataset(self.store, self.rows, self.label_names, canvases,
+                             cache=self.config.data.cache_layouts)
 
     def num_items(self) -> int:
         return len(self.rows)

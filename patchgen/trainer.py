@@ -66,7 +66,7 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 _GLOBAL_RNG_STREAM = 0x6C0B
 # Config keys that may change when a run resumes: none of them changes what is trained.
 RESUMABLE_KEYS = {"duration", "log_every", "sample_every", "checkpoint_every",
-                  "keep_checkpoints", "num_workers", "max_nonfinite"}
+                  "keep_checkpoints", "num_workers", "max_nonfinite", "cache_layouts"}
 
 
 @dataclass
@@ -660,9 +660,13 @@ class Trainer:
     def _loop(self, logger: "StatusLogger", progress, stop: StopRequest) -> dict[str, Any]:
         """Optimizer steps until ``duration``; one status record per log interval."""
         config = self.config
+        record: dict[str, Any] = {"images_seen": self.images_seen, "steps": self.steps}
+        if self.images_seen >= config.duration:
+            log.info("%s has already seen %d samples (duration %d); nothing to train",
+                     self.run_dir, self.images_seen, config.duration)
+            return record
         loader = iter(self._data_loader())
         interval = IntervalStats()
-        record: dict[str, Any] = {"images_seen": self.images_seen}
         while self.images_seen < config.duration:
             micro_batches = [self._to_device(next(loader)) for _ in range(config.grad_accum)]
             stats = self._train_step(micro_batches)

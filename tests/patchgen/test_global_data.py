@@ -1,7 +1,7 @@
 """Layout inputs on a real pyramid store: canvas geometry, buckets and the layout dataset.
 
 ``real_store`` builds a store from a few FracAtlas JPEGs (portrait, landscape and one
-narrow image, both labels) and one CR DICOM with a 0.2 mm pixel spacing; the global-model
+narrow image, both labels) and one CR DICOM with a 0.2 mm pixel spacing. The global-model
 and trainer tests import it.
 """
 
@@ -201,3 +201,20 @@ def test_read_fitted_matches_level(real_store):
     fitted = read_fitted(store, row, (47, 57))
     assert fitted.shape == (47, 57)
     assert np.array_equal(fitted, store.read_level(row.image_id, 3))
+
+
+@needs_radiographs
+def test_layout_cache_same_items(real_store):
+    from preprocess.store import PyramidStore
+
+    store = PyramidStore(real_store)
+    rows = store.rows()
+    plain = GlobalTask(store, rows, store.labels(), tiny_config()).dataset()
+    cached = GlobalTask(store, rows, store.labels(), tiny_config("data.cache_layouts=true")).dataset()
+    for item in range(len(rows)):
+        first, second = cached[(item, 5)], cached[(item, 5)]
+        expected = plain[(item, 5)]
+        for key in expected:
+            assert torch.equal(first[key], expected[key])
+            assert torch.equal(second[key], expected[key])
+    assert len(cached.cache) == len(rows)

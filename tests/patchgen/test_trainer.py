@@ -29,7 +29,7 @@ pytestmark = [needs_radiographs, pytest.mark.usefixtures("one_thread")]
 class LossHook:
     """A layout task whose loss is changed on chosen optimizer steps (a test fixture).
 
-    ``action(loss)`` replaces the loss of every step in ``steps``; steps are counted from
+    ``action(loss)`` replaces the loss of every step in ``steps``. Steps are counted from
     the first loss call of this object, one call per step (``grad_accum`` 1).
     """
 
