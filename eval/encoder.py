@@ -72,22 +72,23 @@ class EncoderFeatures(nn.Module):
 
 
 def augment(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Draw one random view of each image (B, 1, S, S): crop 70-100% and resize back, flip, gamma, noise."""
-    count, _, size, _ = batch.shape
-    views = []
-    for image in batch:
-        crop = int(size * (0.7 + 0.3 * torch.rand(1, generator=generator).item()))
-        y0 = int(torch.randint(0, size - crop + 1, (1,), generator=generator))
-        x0 = int(torch.randint(0, size - crop + 1, (1,), generator=generator))
-        view = F.interpolate(image[None, :, y0:y0 + crop, x0:x0 + crop], size=(size, size), mode="bilinear",
-                             antialias=True, align_corners=False)[0]
-        if torch.rand(1, generator=generator).item() < 0.5:
-            view = view.flip(-1)
-        views.append(view)
-    stacked = torch.stack(views).clamp(0.0, 1.0)
+    """Draw one random view of each image (B, 1, S, S): crop 70-100%, resize back, flip, gamma, noise.
+
+    The crop, resize and flip are one affine resampling of the whole batch (bilinear).
+    """
+    count = batch.shape[0]
+    scale = 0.7 + 0.3 * torch.rand(count, generator=generator)  # crop side / image side
+    shift = (torch.rand(count, 2, generator=generator) * 2.0 - 1.0) * (1.0 - scale)[:, None]
+    flip = torch.where(torch.rand(count, generator=generator) < 0.5, -1.0, 1.0)
+    theta = torch.zeros(count, 2, 3)
+    theta[:, 0, 0] = scale * flip
+    theta[:, 1, 1] = scale
+    theta[:, :, 2] = shift
+    grid = F.affine_grid(theta, list(batch.shape), align_corners=False)
+    views = F.grid_sample(batch, grid, mode="bilinear", padding_mode="border", align_corners=False)
     gamma = torch.exp((torch.rand(count, 1, 1, 1, generator=generator) - 0.5) * 0.6)  # 0.74 .. 1.35
-    noise = torch.randn(stacked.shape, generator=generator) * 0.02
-    return (stacked ** gamma + noise).clamp(0.0, 1.0)
+    noise = torch.randn(views.shape, generator=generator) * 0.02
+    return (views.clamp(0.0, 1.0) ** gamma + noise).clamp(0.0, 1.0)
 
 
 def nt_xent(first: torch.Tensor, second: torch.Tensor, temperature: float) -> torch.Tensor:
