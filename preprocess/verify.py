@@ -3,7 +3,7 @@
 ``verify_store`` re-reads every level of every image. It checks that the store has no Zarr v2
 metadata and that catalog rows and image groups match one to one. Per image it checks the NGFF
 metadata (levels, scale, translation), the level shapes of the pyramid rule, dtype uint16, the
-axis names, and the SHA-256 of each level's pixels against the checksum written at build time.
+axis names, and the CRC32C of each level's pixels against the checksum written at build time.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import numpy as np
 from preprocess import ngff, pyramid
 from preprocess.catalog import CATALOG_NAME, FAILED_NAME, CatalogRow, read_catalog, read_failures
 from preprocess.errors import StoreError
-from preprocess.ingest import level_checksum
+from preprocess.ingest import CHECKSUM_KEY, level_checksum
 from preprocess.store import ZARR_V3_METADATA, check_zarr_format, image_group_path
 from preprocess.writer import read_image_records, read_store_attributes
 
@@ -97,7 +97,7 @@ def _check_image(path: Path, row: CatalogRow, min_size: int, report: VerifyRepor
     problems = _record_problems(row, record, min_size)
     problems += ngff.check_multiscales(attributes.get("ome"), row.levels, spacing)
     expected = pyramid.level_shapes(row.height, row.width, min_size)[:row.levels]
-    checksums = record.get("level_sha256", [])
+    checksums = record.get(CHECKSUM_KEY, [])
     for level, shape in enumerate(expected):
         try:
             array = zarr.open_array(str(group_path / str(level)), mode="r", zarr_format=3)
@@ -116,7 +116,7 @@ def _record_problems(row: CatalogRow, record: dict[str, Any], min_size: int) -> 
     expected_levels = len(pyramid.level_shapes(row.height, row.width, min_size))
     if row.levels != expected_levels:
         problems.append(f"{row.levels} levels, expected {expected_levels} for min_size {min_size}")
-    if len(record.get("level_sha256", [])) != row.levels:
+    if len(record.get(CHECKSUM_KEY, [])) != row.levels:
         problems.append("level checksums missing")
     return problems
 

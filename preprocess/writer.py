@@ -29,7 +29,7 @@ import math
 import os
 import secrets
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -144,16 +144,18 @@ def write_array(folder: Path, pixels: np.ndarray, layout: ChunkLayout) -> None:
     chunks, shards = layout.array_shapes(pixels.shape)
     folder.mkdir()
     _write_json(folder / ZARR_V3_METADATA, array_metadata(pixels.shape, chunks, shards, layout))
-    codec = layout.chunk_codec()
+    blocks, nonzero = chunk_blocks(pixels, chunks)
+    encode = _encoder(layout.chunk_codec())
     outer = shards or chunks
+    per_shard = (outer[0] // chunks[0], outer[1] // chunks[1])
     (folder / "c").mkdir()
     for row in range(math.ceil(pixels.shape[0] / outer[0])):
         row_folder = folder / "c" / str(row)
         for column in range(math.ceil(pixels.shape[1] / outer[1])):
-            block = pixels[row * outer[0]:(row + 1) * outer[0],
-                           column * outer[1]:(column + 1) * outer[1]]
-            data = (_encode_shard(block, outer, chunks, codec) if shards
-                    else _encode_chunk(block, chunks, codec))
+            if shards:
+                data = _encode_shard(blocks, nonzero, (row, column), per_shard, encode)
+            else:
+                data = encode(blocks[row, column]) if nonzero[row, column] else None
             if data is None:
                 continue
             if not row_folder.exists():
@@ -161,39 +163,52 @@ def write_array(folder: Path, pixels: np.ndarray, layout: ChunkLayout) -> None:
             (row_folder / str(column)).write_bytes(data)
 
 
-def _encode_chunk(block: np.ndarray, chunk_shape: tuple[int, int], codec: Any) -> bytes | None:
-    """Encode one chunk (padded with the fill value 0 at the array edge); None if all 0."""
-    if not block.any():
-        return None
-    if block.shape != chunk_shape:
-        padded = np.zeros(chunk_shape, dtype=np.uint16)
-        padded[:block.shape[0], :block.shape[1]] = block
-        block = padded
-    raw = np.ascontiguousarray(block, dtype="<u2")
-    return bytes(codec.encode(raw)) if codec is not None else raw.tobytes()
+def chunk_blocks(pixels: np.ndarray, chunks: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Cut an image into chunks in one copy, padding the edge chunks with the fill value 0.
+
+    Returns:
+        (blocks (R, C, ch, cw) little-endian uint16 with each chunk contiguous,
+         nonzero (R, C) bool: whether a chunk has any pixel other than 0).
+    """
+    rows, columns = math.ceil(pixels.shape[0] / chunks[0]), math.ceil(pixels.shape[1] / chunks[1])
+    padded_shape = (rows * chunks[0], columns * chunks[1])
+    if pixels.shape != padded_shape:
+        padded = np.zeros(padded_shape, dtype=np.uint16)
+        padded[:pixels.shape[0], :pixels.shape[1]] = pixels
+        pixels = padded
+    blocks = pixels.reshape(rows, chunks[0], columns, chunks[1]).swapaxes(1, 2)
+    blocks = np.ascontiguousarray(blocks, dtype="<u2")
+    nonzero = blocks.reshape(rows, columns, -1).any(axis=2)
+    return blocks, nonzero
 
 
-def _encode_shard(block: np.ndarray, shard_shape: tuple[int, int], chunk_shape: tuple[int, int],
-                  codec: Any) -> bytes | None:
-    """Encode one shard: inner chunks, then the index of (offset, length) and its CRC32C.
+def _encoder(codec: Any) -> Callable[[np.ndarray], bytes]:
+    """Return a function that encodes one contiguous chunk to bytes."""
+    if codec is None:
+        return lambda block: block.tobytes()
+    return lambda block: bytes(codec.encode(block))
+
+
+def _encode_shard(blocks: np.ndarray, nonzero: np.ndarray, shard: tuple[int, int],
+                  per_shard: tuple[int, int],
+                  encode: Callable[[np.ndarray], bytes]) -> bytes | None:
+    """Encode one shard: its inner chunks, then the index of (offset, length) and its CRC32C.
 
     Inner chunks that are all 0 or lie outside the array get the empty marker 2^64 - 1 in the
     index (Zarr v3 sharding codec, index at the end, little endian).
     """
     import google_crc32c
 
-    rows, columns = shard_shape[0] // chunk_shape[0], shard_shape[1] // chunk_shape[1]
-    index = np.full((rows, columns, 2), EMPTY_CHUNK, dtype="<u8")
+    index = np.full((per_shard[0], per_shard[1], 2), EMPTY_CHUNK, dtype="<u8")
     parts: list[bytes] = []
     offset = 0
-    for row in range(rows):
-        for column in range(columns):
-            inner = block[row * chunk_shape[0]:(row + 1) * chunk_shape[0],
-                          column * chunk_shape[1]:(column + 1) * chunk_shape[1]]
-            data = _encode_chunk(inner, chunk_shape, codec) if inner.size else None
-            if data is None:
+    first_row, first_column = shard[0] * per_shard[0], shard[1] * per_shard[1]
+    for row in range(first_row, min(first_row + per_shard[0], blocks.shape[0])):
+        for column in range(first_column, min(first_column + per_shard[1], blocks.shape[1])):
+            if not nonzero[row, column]:
                 continue
-            index[row, column] = (offset, len(data))
+            data = encode(blocks[row, column])
+            index[row - first_row, column - first_column] = (offset, len(data))
             parts.append(data)
             offset += len(data)
     if not parts:
@@ -327,7 +342,13 @@ def build_lock(store: Path) -> Iterator[None]:
 
 
 def remove_partial_images(store: Path) -> int:
-    """Delete images left under ``.partial/`` by interrupted builds; return how many."""
+    """Delete what interrupted builds left: images under ``.partial/`` and temporary CSV files.
+
+    Returns:
+        the number of partial images removed.
+    """
+    for temporary in store.glob(".*.csv.*.tmp"):
+        temporary.unlink(missing_ok=True)
     partial = store / PARTIAL_FOLDER
     if not partial.exists():
         return 0

@@ -109,8 +109,10 @@ def test_leftovers_of_interruption_removed(inputs, tmp_path):
     store = tmp_path / "s.zarr"
     build(inputs, store)
     victim = sorted((store / "images").iterdir())[0]
+    (store / ".partial").mkdir()
     shutil.move(victim, store / ".partial" / "img-half-written")
     (store / "catalog.csv").write_text("image_id\n")
+    (store / ".catalog.csv.x1y2.tmp").write_text("image_id,patient")
     summary = build(inputs, store)
     assert summary.built == 1
     assert not (store / ".partial").exists()
