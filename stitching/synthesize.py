@@ -330,6 +330,7 @@ def synthesize_with(global_sampler, patch_sampler, out_dir: Path, config: SynthC
     from tqdm.auto import tqdm
 
     check_labels(global_sampler, patch_sampler, config.label)
+    tiling_for(config, patch_sampler)  # raises ValueError for a tiling that fits no image
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = device if device is not None else resolve_device(config.device)

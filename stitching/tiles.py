@@ -27,7 +27,7 @@ def stride_of(tile_size: int, overlap: int, align: int = 1) -> int:
         raise ValueError(f"tile_size must be at least 1 pixel, got {tile_size}")
     if not 0 <= overlap < tile_size:
         raise ValueError(f"overlap must be in [0, tile_size={tile_size}) pixels, got {overlap}; "
-                         f"lower canvas.overlap")
+                         f"lower it, e.g. --set canvas.overlap={tile_size // 4}")
     if align < 1 or tile_size % align or overlap % align:
         raise ValueError(f"tile_size={tile_size} and overlap={overlap} must be multiples of the "
                          f"tile alignment {align} (2 ** level_gap of the patch model)")

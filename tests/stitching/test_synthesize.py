@@ -204,3 +204,9 @@ def test_unknown_label_fails_before_any_image(tmp_path, checkpoints):
     with pytest.raises(ValueError, match="labels"):
         run(tmp_path, checkpoints, label="comminuted")
     assert not (tmp_path / "out").exists()
+
+
+def test_overlap_above_tile_fails_before_any_image(tmp_path, checkpoints):
+    with pytest.raises(ValueError, match="overlap"):
+        run(tmp_path, checkpoints, canvas__overlap=32)
+    assert not (tmp_path / "out").exists()
