@@ -144,7 +144,7 @@ def pyramid_build(sources, out, labels, label_column, workers, strict, dry_run,
         click.echo(json.dumps(shown, indent=2, default=str))
         return
     try:
-        with _progress_bar("files") as progress:
+        with _ProgressBar("files") as progress:
             summary = build_store(list(sources), out, labels_csv=labels,
                                   label_column=label_column, workers=workers,
                                   progress=progress, **options)
@@ -153,7 +153,8 @@ def pyramid_build(sources, out, labels, label_column, workers, strict, dry_run,
     click.echo(str(summary))
     if summary.failed and not options.get("manifest"):
         click.echo("rerun with --manifest PATH to map the file keys to your files")
-    sys.exit(summary.exit_code(strict))
+    if summary.exit_code(strict):
+        click.get_current_context().exit(summary.exit_code(strict))
 
 
 @pyramid.command("info")
@@ -176,15 +177,16 @@ def pyramid_verify(store) -> None:
     from preprocess.verify import verify_store
 
     try:
-        with _progress_bar("images") as progress:
+        with _ProgressBar("images") as progress:
             report = verify_store(store, progress=progress)
     except _store_errors() as error:
         raise click.UsageError(str(error)) from error
     click.echo(str(report))
-    sys.exit(0 if report.ok else 1)
+    if not report.ok:
+        click.get_current_context().exit(1)
 
 
-class _progress_bar:
+class _ProgressBar:
     """A tqdm progress bar on stderr driven by progress(done, total) callbacks."""
 
     def __init__(self, unit: str) -> None:

@@ -57,3 +57,15 @@ def test_dry_run_hides_salt(inputs, tmp_path):
     assert shown["salt"] == "(set)"
     assert "secret-value" not in result.output
     assert not (tmp_path / "s.zarr").exists()
+
+
+def test_verify_exit_code_on_damage(built, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy.zarr"
+    shutil.copytree(built[0], copy)
+    victim = sorted((copy / "images").iterdir())[0]
+    shutil.rmtree(victim)
+    result = run("pyramid", "verify", str(copy))
+    assert result.exit_code == 1
+    assert "no complete image group" in result.output
