@@ -179,7 +179,7 @@ def build_store(sources: list[Path], out: Path, labels_csv: Path | None = None,
         BuildSummary. Per-file failures are recorded in it and not raised.
     Raises:
         ValueError: invalid options, label table or missing salt.
-        StoreError: ``out`` is not a compatible store, or another build holds it.
+        StoreError: ``out`` is not a compatible store, or another build has locked it.
     """
     started = time.perf_counter()
     settings = _parse_options(options)
