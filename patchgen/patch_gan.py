@@ -116,6 +116,10 @@ class PatchGenerator(ModelMixin, ConfigMixin):
         embed_dim = channels[0] * 4
         self.label_embedding = nn.Embedding(num_labels, embed_dim)
         self.level_embedding = nn.Embedding(max_levels, embed_dim)
+        if residual:
+            # A zero output layer makes the untrained generator return the upsampled crop.
+            nn.init.zeros_(self.unet.conv_out.weight)
+            nn.init.zeros_(self.unet.conv_out.bias)
 
     def forward(self, noise: torch.Tensor, cond: torch.Tensor, coords: torch.Tensor,
                 mask: torch.Tensor, labels: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
