@@ -33,6 +33,7 @@ demo: install
 	if [ -z "$$data" ]; then \
 		data=$$($(PY) -c "from pydicom.data import get_testdata_file as f; print(' '.join(f(n, download=False) for n in ('RG1_UNCR.dcm', 'RG3_UNCR.dcm')))"); \
 		echo "FracAtlas not found beside the checkout; using pydicom-data radiographs: $$data"; \
+		export FEMURGEN_SALT="$${FEMURGEN_SALT:-femurgen-demo}"; \
 	fi; \
 	label_option=""; if [ -n "$$labels" ]; then label_option="--labels $$labels"; fi; \
 	$(PY) cli.py pyramid build $$data $$label_option --out $(WORK)/store.zarr --workers $(WORKERS); \
