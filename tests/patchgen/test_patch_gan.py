@@ -186,3 +186,13 @@ def test_task_rejects_patch_not_divisible_by_discriminator(store):
     config = tiny_config(disc_channels=[8, 16, 16, 16, 16])
     with pytest.raises(ConfigError, match="divisible by 32"):
         PatchGanTask(store, store.rows(), store.labels(), config)
+
+
+@pytest.mark.parametrize("name", ["gan-cpu-tiny", "gan-gpu"])
+def test_gan_presets_parse(name):
+    from patchgen.config import load_stage_config
+
+    config, _ = load_stage_config(PatchConfig, "patch", name)
+    assert config.model == "gan"
+    assert config.data.patch_size % from_dict(GanConfig, config.gan).downsampling() == 0
+    assert set(config.train.lr_scale) == {"generator", "discriminator"}
