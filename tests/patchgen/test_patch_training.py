@@ -2,6 +2,10 @@
 
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +16,8 @@ from patchgen.patch_model import PatchConfig, PatchSampler, train_patch
 from tests.patchgen.test_patch_data import build_fracatlas_store, one_thread  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+REPO = Path(__file__).resolve().parents[2]
 
 TRAIN = {"duration": 8, "batch_size": 2, "log_every": 4, "checkpoint_every": 4,
          "sample_every": 4, "keep_checkpoints": 3, "warmup": 4}
@@ -125,3 +131,25 @@ def test_losses_are_finite(runs):
     _, root = runs
     record = json.loads((root / "full" / "stats.jsonl").read_text().splitlines()[-1])
     assert all(math.isfinite(v) for v in record.values() if isinstance(v, float))
+
+
+@pytest.mark.slow
+def test_gan_trains_in_two_processes(store, tmp_path):
+    """The GAN, its R1 penalty and mixed patch sizes under 2-process DDP (gloo on the CPU)."""
+    overrides = {"network.channels": "[8,16]", "network.norm_groups": "4",
+                 "data.patch_size": "16", "data.large_patch_size": "32",
+                 "data.large_probability": "0.5", "gan.disc_channels": "[8,16]",
+                 "gan.noise_channels": "2", "gan.r1_interval": "1", "train.batch_size": "2",
+                 "train.duration": "16", "train.log_every": "8", "train.checkpoint_every": "8"}
+    settings = [item for key, value in overrides.items() for item in ("--set", f"{key}={value}")]
+    run = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+               "2", "cli.py", "train-patch", "--store", str(store.path), "--out", str(run),
+               "--config", "gan-cpu-tiny", "--device", "cpu", *settings]
+    result = subprocess.run(command, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    state = torch.load(run / "checkpoints" / "ckpt-000000000016" / "state.pt", weights_only=True)
+    assert state["world_size"] == 2
+    record = json.loads((run / "stats.jsonl").read_text().splitlines()[-1])
+    assert record["d_r1"] > 0
