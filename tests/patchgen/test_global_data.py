@@ -218,3 +218,24 @@ def test_layout_cache_same_items(real_store):
             assert torch.equal(first[key], expected[key])
             assert torch.equal(second[key], expected[key])
     assert len(cached.cache) == len(rows)
+
+
+@needs_radiographs
+def test_letterbox_single_square_canvas(real_store):
+    from preprocess.store import PyramidStore
+
+    from patchgen.data_order import ShuffledOrder
+    from patchgen.inference import LayoutSampler
+
+    store = PyramidStore(real_store)
+    rows = store.rows()
+    task = GlobalTask(store, rows, store.labels(), tiny_config("data.strategy=letterbox"))
+    assert task.plan.counts() == {(32, 32): len(rows)}
+    assert isinstance(task.sample_order(2, 0), ShuffledOrder)
+    sample = task.dataset()[(0, 0)]
+    assert tuple(sample["x0"].shape) == (1, 32, 32)
+
+    sampler = LayoutSampler.from_task_info(task.networks["model"].eval(), task.snapshot_info())
+    assert sampler.canvases == [(32, 32)]
+    layout = sampler.sample("fractured", DICOM_SIZE, torch.Generator().manual_seed(0), steps=2)
+    assert layout.shape == level_shape(DICOM_SIZE, layout_level(DICOM_SIZE, 32))
