@@ -52,10 +52,10 @@ def size_features(height: torch.Tensor, width: torch.Tensor, spacing_mm: torch.T
 class LayoutUNet(ModelMixin, ConfigMixin):
     """Global layout denoiser: (noisy layout, validity mask) -> model output.
 
-    Input ``x_t`` (B, 1, H, W) in model space on a canvas (the R x R letterbox square or an
-    aspect-ratio bucket; H and W divisible by ``2 ** (len(channels) - 1)``), ``mask``
-    (B, 1, H, W) with 1 on the image and 0 on the padding; ``labels`` (B,) long where
-    ``num_labels`` is the null label of classifier-free guidance; ``size`` (B, 4) from
+    Input ``x_t`` (B, 1, H, W) is in model space on a canvas: the R x R letterbox square or an
+    aspect-ratio bucket, with H and W divisible by ``2 ** (len(channels) - 1)``. ``mask``
+    (B, 1, H, W) is 1 on the image and 0 on the padding. ``labels`` (B,) long uses
+    ``num_labels`` as the null label of classifier-free guidance. ``size`` (B, 4) comes from
     ``size_features``. ``resolution`` is R, whose square is the canvas pixel budget.
     """
 
