@@ -249,10 +249,14 @@ def _run_training(kind: str, store: Path, out: Path, preset, overrides, duration
     if dry_run:
         _echo_config(config)
         return
+    from patchgen.trainer import TrainingHalted
+
     try:
         result = train(store, out, config, device=device)
     except ConfigError as error:
         raise click.UsageError(str(error)) from error
+    except TrainingHalted as error:
+        raise click.ClickException(str(error)) from error
     click.echo(f"{kind} model: {result}")
 
 

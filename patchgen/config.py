@@ -103,6 +103,12 @@ def _convert(value: Any, annotation: Any, where: str) -> Any:
         item_type = args[0] if args else Any
         items = [_convert(v, item_type, f"{where}[{i}]") for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
+    if annotation is float and isinstance(value, str):
+        # PyYAML reads exponents without a dot ("2e-4") as strings.
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
     if annotation is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if annotation in (int, str, bool) and not isinstance(value, annotation):

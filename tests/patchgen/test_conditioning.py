@@ -54,3 +54,4 @@ def test_upsample_of_constant_is_constant():
 def test_upsample_rejects_too_large_target():
     with pytest.raises(ValueError, match="larger than"):
         upsample_to(torch.zeros(1, 1, 3, 3), (7, 6))
+

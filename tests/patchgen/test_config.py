@@ -1,0 +1,40 @@
+"""Presets, dotted overrides and dataclass conversion."""
+
+import pytest
+
+from patchgen.config import ConfigError, apply_overrides, from_dict, load_stage_config
+from patchgen.global_model import GlobalConfig
+from patchgen.trainer import TrainConfig
+
+
+def test_exponent_without_dot_is_float():
+    data = apply_overrides({}, ["lr=2e-4"])
+    assert from_dict(TrainConfig, data).lr == pytest.approx(2e-4)
+
+
+def test_text_for_float_is_rejected():
+    with pytest.raises(ConfigError, match="lr"):
+        from_dict(TrainConfig, {"lr": "fast"})
+
+
+def test_unknown_key_names_key():
+    with pytest.raises(ConfigError, match="model.widths"):
+        load_stage_config(GlobalConfig, "global", "cpu-tiny", ["model.widths=[8]"])
+
+
+def test_override_reaches_nested_section():
+    config, preset = load_stage_config(GlobalConfig, "global", "cpu-tiny",
+                                       ["train.batch_size=4", "model.channels=[16,32]"])
+    assert preset == "cpu-tiny"
+    assert config.train.batch_size == 4
+    assert tuple(config.model.channels) == (16, 32)
+
+
+def test_override_without_equals_is_rejected():
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        apply_overrides({}, ["train.lr"])
+
+
+def test_missing_preset_lists_available():
+    with pytest.raises(ConfigError, match="cpu-tiny"):
+        load_stage_config(GlobalConfig, "global", "huge", [])
