@@ -74,14 +74,6 @@ def build_real_store(folder: Path) -> Path:
     return store
 
 
-@pytest.fixture(scope="module")
-def one_thread():
-    """Run tiny models on one thread: faster than two, and steady when other work shares the CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def real_store(tmp_path_factory) -> Path:

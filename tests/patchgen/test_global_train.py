@@ -18,13 +18,13 @@ from patchgen.config import ConfigError, to_dict
 from patchgen.global_model import GlobalTask, train_global
 from patchgen.inference import load_global
 from patchgen.trainer import Trainer, list_checkpoints, seeded_init
-from tests.patchgen.test_global_data import (DICOM_SIZE, TINY, needs_radiographs, one_thread,
+from tests.patchgen.test_global_data import (DICOM_SIZE, TINY, needs_radiographs,
                                              real_store, tiny_config)
 
 REPO = Path(__file__).resolve().parents[2]
 LABELS = ["fractured", "non_fractured"]
 
-__all__ = ["one_thread", "real_store"]
+__all__ = ["real_store"]
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

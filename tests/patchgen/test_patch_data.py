@@ -40,14 +40,6 @@ def build_fracatlas_store(out: Path, per_label: int = 2, **options):
     return PyramidStore(out)
 
 
-@pytest.fixture(scope="module")
-def one_thread():
-    """Run tiny networks on one thread: as fast, and OpenMP threads stall on busy cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):

@@ -10,7 +10,7 @@ from patchgen.patch_gan import (GanConfig, PatchDiscriminator, PatchGanTask, Pat
                                 discriminator_terms, fill_padding, generator_term, logit_weights,
                                 r1_penalty, weighted_mean)
 from patchgen.patch_model import PatchConfig
-from tests.patchgen.test_patch_data import build_fracatlas_store, one_thread  # noqa: F401
+from tests.patchgen.test_patch_data import build_fracatlas_store  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from patchgen.config import from_dict
 from patchgen.patch_model import PatchConfig, PatchSampler, train_patch
-from tests.patchgen.test_patch_data import build_fracatlas_store, one_thread  # noqa: F401
+from tests.patchgen.test_patch_data import build_fracatlas_store  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

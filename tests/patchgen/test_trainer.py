@@ -20,9 +20,9 @@ from patchgen.global_model import GlobalTask
 from patchgen.networks import LayoutUNet
 from patchgen.trainer import (Trainer, TrainingInterrupted, TrainingStopped, capture_rng_state,
                               list_checkpoints, lr_factor, restore_rng_state, seeded_init)
-from tests.patchgen.test_global_data import needs_radiographs, one_thread, real_store, tiny_config
+from tests.patchgen.test_global_data import needs_radiographs, real_store, tiny_config
 
-__all__ = ["one_thread", "real_store"]
+__all__ = ["real_store"]
 pytestmark = [needs_radiographs, pytest.mark.usefixtures("one_thread")]
 
 
