@@ -315,8 +315,8 @@ def _ingest_or_reject(task: FileTask, config: IngestConfig) -> FileResult:
         return ingest_file(task, config)
     except Exception as error:  # noqa: BLE001 - one file must not stop the build
         key = _file_key_for(task, config)
-        message = privacy.scrub(f"internal error ({type(error).__name__}: {error})",
-                                privacy.path_secrets(Path(task.path)))
+        message = privacy.scrub_path(f"internal error ({type(error).__name__}: {error})",
+                                     Path(task.path))
         log.debug("internal error on %s", key, exc_info=True)
         return FileResult(task.index, key, kind, failures=[Failure(key, kind, message)])
 

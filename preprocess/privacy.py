@@ -101,8 +101,11 @@ def file_sha256(path: Path, block_size: int = 1 << 20) -> str:
 
 
 def path_secrets(path: Path) -> list[str]:
-    """Return the spellings of ``path`` that may appear in library error messages."""
-    secrets = {str(path), path.name, path.stem}
+    """Return the spellings of ``path`` that may appear in library error messages.
+
+    The bare stem is not among them; :func:`scrub_path` removes it where it is a path part.
+    """
+    secrets = {str(path), path.name}
     try:
         secrets.add(str(path.resolve()))
     except OSError:
@@ -110,16 +113,45 @@ def path_secrets(path: Path) -> list[str]:
     return [secret for secret in secrets if secret]
 
 
-def scrub(text: str, secrets: Iterable[str], min_length: int = 3) -> str:
-    """Replace every occurrence of each secret (and of each ``^``-separated name part) in ``text``.
+def scrub_path(text: str, path: Path) -> str:
+    """Remove the paths, the file name and the file stem of ``path`` from ``text``."""
+    return scrub(text, path_secrets(path), stems=[path.stem])
 
-    Parts shorter than ``min_length`` characters are kept, because they identify no one and
-    replacing them would blank out digits and words of the message.
+
+def scrub(text: str, secrets: Iterable[str], min_length: int = 3,
+          stems: Iterable[str] = ()) -> str:
+    """Replace each secret (and each ``^``-separated name part) in ``text`` where it is a whole token.
+
+    A secret matches only where no letter, digit or underscore touches its ends, so the stem
+    ``trunc`` is kept inside "truncated". Parts shorter than ``min_length`` characters are kept,
+    because they identify no one and replacing them would blank out digits and words of the
+    message. A file stem in ``stems`` is replaced only as a path part: next to a path separator,
+    followed by a file extension, or in quotes. A stem such as ``data`` that appears as a word
+    of the message text is kept.
     """
     parts: set[str] = set()
     for secret in secrets:
         pieces = [secret, *re.split(r"[\^\\=]", secret)]
         parts.update(piece.strip() for piece in pieces if len(piece.strip()) >= min_length)
-    for part in sorted(parts, key=len, reverse=True):
-        text = text.replace(part, REDACTED)
+    patterns = [_token_pattern(part) for part in parts]
+    patterns += [_stem_pattern(stem) for stem in stems if len(stem) >= min_length]
+    # Longer secrets first, so a whole path is replaced before its name or stem.
+    for _, pattern in sorted(patterns, key=lambda item: item[0], reverse=True):
+        text = pattern.sub(REDACTED, text)
     return text
+
+
+def _token_pattern(secret: str) -> tuple[int, re.Pattern[str]]:
+    """Return (length, pattern) matching ``secret`` with no word character against its ends."""
+    start = r"(?<!\w)" if re.match(r"\w", secret[0]) else ""
+    end = r"(?!\w)" if re.match(r"\w", secret[-1]) else ""
+    return len(secret), re.compile(start + re.escape(secret) + end)
+
+
+def _stem_pattern(stem: str) -> tuple[int, re.Pattern[str]]:
+    """Return (length, pattern) matching ``stem`` as a path part (see :func:`scrub`)."""
+    token = _token_pattern(stem)[1].pattern
+    after_separator = rf"(?<=[/\\]){token}"
+    before_separator_or_suffix = rf"{token}(?=[/\\]|\.\w)"
+    quoted = rf"(?<=['\"`]){token}(?=['\"`])"
+    return len(stem), re.compile(f"{after_separator}|{before_separator_or_suffix}|{quoted}")

@@ -79,17 +79,16 @@ def read_images(path: Path, kind: str, options: ReadOptions) -> Iterator[Decoded
     Raises:
         IngestError: for any failure; the message contains no path or file name.
     """
-    secrets = privacy.path_secrets(path)
     try:
         yield from _reader(kind)(path, options)
     except IngestError as error:
-        raise IngestError(privacy.scrub(str(error), secrets)) from None
+        raise IngestError(privacy.scrub_path(str(error), path)) from None
     except MemoryError:
         raise IngestError("out of memory while decoding; lower --max-megapixels or --workers") \
             from None
     except Exception as error:  # noqa: BLE001 - third-party decoders raise many types
         message = f"{kind} reader failed ({type(error).__name__}: {error})"
-        raise IngestError(privacy.scrub(message, secrets)) from None
+        raise IngestError(privacy.scrub_path(message, path)) from None
 
 
 def _reader(kind: str):

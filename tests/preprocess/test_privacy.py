@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+from PIL import Image
+
 from preprocess import privacy
+from preprocess.build import build_store
 
 
 def test_image_id_stable_and_salted():
@@ -50,3 +54,42 @@ def test_content_file_key_matches_sha256sum(tmp_path):
     path.write_bytes(b"radiograph")
     digest = privacy.file_sha256(path)
     assert privacy.content_file_key(digest) == "sha256:" + digest[:16]
+
+
+def test_scrub_keeps_words_containing_stem():
+    message = "truncated JPEG: the image data ends before the last row"
+    assert privacy.scrub_path(message, Path("bad/trunc.jpg")) == message
+
+
+def test_scrub_keeps_stem_as_word():
+    message = "truncated JPEG: the image data ends before the last row"
+    assert privacy.scrub_path(message, Path("bad/data.jpg")) == message
+
+
+def test_scrub_removes_stem_as_path_part():
+    cleaned = privacy.scrub_path("see /tmp/Doe_Jane/x and 'Doe_Jane' and Doe_Jane.tif",
+                                 Path("/in/Doe_Jane.dcm"))
+    assert "Doe_Jane" not in cleaned
+
+
+def test_scrub_removes_name_and_path():
+    cleaned = privacy.scrub_path("cannot open /in/data.jpg or data.jpg", Path("/in/data.jpg"))
+    assert "data.jpg" not in cleaned
+    assert "/in" not in cleaned
+
+
+def test_scrub_matches_whole_tokens():
+    assert privacy.scrub("Janet and Jane", ["Doe^Jane"]) == "Janet and <redacted>"
+
+
+def test_truncated_jpeg_reason_readable(tmp_path):
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 300), np.uint8))
+    image.save(folder / "trunc.jpg", quality=95)
+    data = (folder / "trunc.jpg").read_bytes()
+    (folder / "trunc.jpg").write_bytes(data[:len(data) // 2])
+    summary = build_store([folder], tmp_path / "s.zarr", workers=0, min_size=8)
+    failure, = summary.failed
+    assert "truncated" in failure.reason
+    assert privacy.REDACTED not in failure.reason
