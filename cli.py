@@ -250,14 +250,25 @@ def _run_training(kind: str, store: Path, out: Path, preset, overrides, duration
         _echo_config(config)
         return
     from patchgen.trainer import TrainingHalted
+    from preprocess.errors import StoreError
 
     try:
         result = train(store, out, config, device=device)
     except ConfigError as error:
         raise click.UsageError(str(error)) from error
-    except TrainingHalted as error:
+    except (TrainingHalted, StoreError) as error:
         raise click.ClickException(str(error)) from error
-    click.echo(f"{kind} model: {result}")
+    _echo_training_result(kind, result)
+
+
+def _echo_training_result(kind: str, result: dict) -> None:
+    """Print the final status of a run (one line per model in per-class mode)."""
+    if result and all(isinstance(value, dict) for value in result.values()):
+        for label, record in result.items():
+            _echo_training_result(f"{kind} [{label}]", record)
+        return
+    fields = " ".join(f"{key}={value}" for key, value in result.items() if key != "model")
+    click.echo(f"{kind} model: {result.get('model', '')} {fields}".rstrip())
 
 
 @main.command("train-global")
@@ -384,7 +395,14 @@ def synthesize_command(global_run, patch_run, out, count, label, size, seed, min
 
 
 # --- eval commands ---
-EVAL_ERRORS = (OSError, ValueError, RuntimeError)  # library errors that name the file, value and fix
+def _eval_errors() -> tuple[type[Exception], ...]:
+    """Library errors that name the file, value and fix; shown without a traceback."""
+    from preprocess.errors import StoreError
+
+    return (OSError, ValueError, RuntimeError, StoreError)
+
+
+EVAL_ERRORS = _eval_errors()
 
 
 def _eval_config(preset, overrides, allow_small: bool = False):

@@ -74,8 +74,12 @@ class SyntheticImage:
 
 def read_png_uint16(path: Path) -> np.ndarray:
     """Read an 8- or 16-bit greyscale PNG as (H, W) uint16 store pixels (8-bit values are scaled by 257)."""
-    with Image.open(path) as image:
-        array = np.asarray(image)
+    try:
+        with Image.open(path) as image:
+            array = np.asarray(image)
+    except (OSError, SyntaxError) as error:
+        raise ValueError(f"{path}: cannot read the PNG ({error}); delete it and its .json "
+                         f"sidecar, then rerun synthesize to write it again") from error
     if array.ndim == 3:
         raise ValueError(f"{path}: expected a greyscale PNG, got {array.shape[2]} channels")
     if array.dtype == np.uint8:

@@ -26,13 +26,24 @@ SizeRecord = tuple[str, int, int, float | None]
 Shape = tuple[int, int]
 
 
-def _read_snapshot_info(model_dir: Path) -> dict[str, Any]:
+GLOBAL_KINDS = ("global",)
+PATCH_KINDS = ("diffusion", "gan")
+
+
+def _read_snapshot_info(model_dir: Path, kinds: tuple[str, ...]) -> dict[str, Any]:
+    """Read RUN/model/femurgen.json and check that the run is of one of ``kinds``."""
     info_path = model_dir / "femurgen.json"
     if not info_path.is_file():
         raise FileNotFoundError(
             f"{info_path} not found: {model_dir.parent} has no finished model snapshot; train it "
             f"first (train-global / train-patch write RUN/model at every checkpoint)")
-    return json.loads(info_path.read_text(encoding="utf-8"))
+    info = json.loads(info_path.read_text(encoding="utf-8"))
+    kind = info.get("kind")
+    if kind not in kinds:
+        made_by = "train-global" if kind in GLOBAL_KINDS else "train-patch"
+        raise ValueError(f"{model_dir.parent} is a {kind} model run made by {made_by}, not a "
+                         f"{'/'.join(kinds)} run; check the order of --global and --patch")
+    return info
 
 
 class LayoutSampler:
@@ -197,7 +208,7 @@ class GlobalSampler:
         return per_class if (self.run_dir / "per-class.json").is_file() else self.run_dir / "model"
 
     def _load(self, model_dir: Path) -> LayoutSampler:
-        info = _read_snapshot_info(model_dir)
+        info = _read_snapshot_info(model_dir, GLOBAL_KINDS)
         network = LayoutUNet.from_pretrained(model_dir / "unet").to(self.device).eval()
         return LayoutSampler.from_task_info(network, info)
 

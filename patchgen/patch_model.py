@@ -174,12 +174,12 @@ class PatchSampler:
     """A trained patch run as callables on tile batches (model space [-1, 1])."""
 
     def __init__(self, run_dir: Path, device: torch.device | str = "cpu"):
-        from patchgen.inference import _read_snapshot_info
+        from patchgen.inference import PATCH_KINDS, _read_snapshot_info
 
         self.run_dir = Path(run_dir)
         self.device = torch.device(device)
         model_dir = self.run_dir / "model"
-        info = _read_snapshot_info(model_dir)
+        info = _read_snapshot_info(model_dir, PATCH_KINDS)
         self.config: PatchConfig = from_dict(PatchConfig, info["config"])
         self.kind: str = info["kind"]
         self.labels: list[str] = info["labels"]

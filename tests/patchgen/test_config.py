@@ -38,3 +38,15 @@ def test_override_without_equals_is_rejected():
 def test_missing_preset_lists_available():
     with pytest.raises(ConfigError, match="cpu-tiny"):
         load_stage_config(GlobalConfig, "global", "huge", [])
+
+
+def test_patch_run_rejected_as_global(tmp_path):
+    import json
+
+    from patchgen.inference import GLOBAL_KINDS, _read_snapshot_info
+
+    model_dir = tmp_path / "run" / "model"
+    model_dir.mkdir(parents=True)
+    (model_dir / "femurgen.json").write_text(json.dumps({"kind": "diffusion"}))
+    with pytest.raises(ValueError, match="order of --global and --patch"):
+        _read_snapshot_info(model_dir, GLOBAL_KINDS)
