@@ -178,7 +178,7 @@ def build_store(sources: list[Path], out: Path, labels_csv: Path | None = None,
     Returns:
         BuildSummary. Per-file failures are recorded in it and not raised.
     Raises:
-        ValueError: invalid options, label table or missing salt.
+        ValueError: invalid options, label table, missing salt or no input files.
         StoreError: ``out`` is not a compatible store, or another build has locked it.
     """
     started = time.perf_counter()
@@ -188,6 +188,7 @@ def build_store(sources: list[Path], out: Path, labels_csv: Path | None = None,
     salt = privacy.resolve_salt(settings.salt)
     table = _load_table(labels_csv, label_column, settings)
     files, ignored = discover_sources(sources, exclude=[out])
+    _check_inputs_found(files, ignored, sources)
     _check_salt_needed(salt, files, settings)
     _check_manifest_path(settings.manifest, out)
     config = IngestConfig(store=str(out), read=ReadOptions(
@@ -247,6 +248,15 @@ def _load_table(labels_csv: Path | None, label_column: str,
     return LabelTable(Path(labels_csv), file_column=settings.file_column,
                       label_column=label_column, patient_column=settings.patient_column,
                       site_column=settings.site_column)
+
+
+def _check_inputs_found(files: list[SourceFile], ignored: int, sources: list[Path]) -> None:
+    """Raise ValueError when the sources contain no input file, before any store is created."""
+    if files:
+        return
+    others = f" ({ignored} files of other types ignored)" if ignored else ""
+    raise ValueError(f"no DICOM, PNG, JPEG, TIFF, HDF5 or slide files found in SOURCES "
+                     f"{', '.join(str(source) for source in sources)}{others}; check the path")
 
 
 def _check_salt_needed(salt: bytes | None, files: list[SourceFile],

@@ -248,3 +248,11 @@ def test_crashing_file_fails_alone(tmp_path):
     assert sorted(by_index) == [0, 1, 2, 3, 4]
     assert "process died" in by_index[1].failures[0].reason
     assert all(not by_index[index].failures for index in (0, 2, 3, 4))
+
+
+def test_empty_folder_rejected(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("not an image")
+    with pytest.raises(ValueError, match="no DICOM, PNG, JPEG, TIFF, HDF5 or slide files"):
+        build_store([tmp_path / "empty"], tmp_path / "s.zarr", workers=0)
+    assert not (tmp_path / "s.zarr").exists()

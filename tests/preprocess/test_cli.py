@@ -69,3 +69,11 @@ def test_verify_exit_code_on_damage(built, tmp_path):
     result = run("pyramid", "verify", str(copy))
     assert result.exit_code == 1
     assert "no complete image group" in result.output
+
+
+def test_empty_folder_is_usage_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    result = run("pyramid", "build", str(tmp_path / "empty"), "--out", str(tmp_path / "b.zarr"))
+    assert result.exit_code == 2
+    assert "check the path" in result.output
+    assert not (tmp_path / "b.zarr").exists()
