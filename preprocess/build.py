@@ -44,6 +44,9 @@ from preprocess.store import PARTIAL_FOLDER
 from preprocess.writer import (ChunkLayout, build_lock, layout_options, prepare_store,
                                read_image_records, remove_partial_images)
 
+# Max number of unmatched label-table rows that the build summary lists by file value.
+UNMATCHED_SHOWN = 5
+
 log = logging.getLogger(__name__)
 
 CATALOG_INTERVAL_S = 30.0
@@ -117,6 +120,8 @@ class BuildSummary:
         failed: files (or frames) that failed, with reasons.
         ignored: files in SRC folders of unknown type.
         unmatched_label_rows: label-table rows that matched no input file.
+        unmatched_label_files: the file values of the first of those rows, for the console only
+            (they are the user's paths and never go into the store).
         split_counts: catalog images per split.
         label_counts: catalog images per label.
         megapixels: level-0 megapixels written by this build.
@@ -129,6 +134,7 @@ class BuildSummary:
     failed: list[Failure] = field(default_factory=list)
     ignored: int = 0
     unmatched_label_rows: int = 0
+    unmatched_label_files: list[str] = field(default_factory=list)
     split_counts: dict[str, int] = field(default_factory=dict)
     label_counts: dict[str, int] = field(default_factory=dict)
     megapixels: float = 0.0
@@ -153,12 +159,21 @@ class BuildSummary:
                  "labels: " + ", ".join(f"{name} {count}" for name, count in
                                         sorted(self.label_counts.items()))]
         if self.unmatched_label_rows:
-            lines.append(f"{self.unmatched_label_rows} label-table rows matched no input file")
+            lines.append(self._unmatched_line())
         if self.failed:
             lines.append(f"failed files (keys are sha256 prefixes of the file content; see "
                          f"{self.store / FAILED_NAME}):")
             lines.extend(f"  {item.file} ({item.kind}): {item.reason}" for item in self.failed)
         return "\n".join(lines)
+
+    def _unmatched_line(self) -> str:
+        """Return the line naming the first label-table rows that matched no input file."""
+        line = f"{self.unmatched_label_rows} label-table rows matched no input file"
+        if not self.unmatched_label_files:
+            return line
+        more = self.unmatched_label_rows - len(self.unmatched_label_files)
+        line += ": " + ", ".join(self.unmatched_label_files)
+        return line + (f" and {more} more" if more > 0 else "")
 
 
 def build_store(sources: list[Path], out: Path, labels_csv: Path | None = None,
@@ -214,6 +229,8 @@ def build_store(sources: list[Path], out: Path, labels_csv: Path | None = None,
             run.finish(files, settings.manifest)
 
     summary = run.summary(ignored, table.unmatched_count() if table else 0)
+    if table is not None:
+        summary.unmatched_label_files = table.unmatched_files()[:UNMATCHED_SHOWN]
     summary.seconds = time.perf_counter() - started
     log.info("built %d, skipped %d, failed %d in %.1f s", summary.built, summary.skipped,
              len(summary.failed), summary.seconds)

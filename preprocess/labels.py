@@ -71,6 +71,10 @@ class LabelTable:
         """Return how many rows matched no input file in the lookups so far."""
         return len(self._by_path) - len(self._matched)
 
+    def unmatched_files(self) -> list[str]:
+        """Return the file values (normalised, in CSV order) of rows that matched no input file."""
+        return [key for key in self._by_path if key not in self._matched]
+
 
 def normalise_key(text: str) -> str:
     """Return a relative path as a normalised POSIX string (backslashes and ./ removed)."""

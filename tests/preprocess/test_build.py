@@ -256,3 +256,16 @@ def test_empty_folder_rejected(tmp_path):
     with pytest.raises(ValueError, match="no DICOM, PNG, JPEG, TIFF, HDF5 or slide files"):
         build_store([tmp_path / "empty"], tmp_path / "s.zarr", workers=0)
     assert not (tmp_path / "s.zarr").exists()
+
+
+def test_unmatched_label_rows_named(inputs, tmp_path):
+    with open(inputs["labels"], "a") as stream:
+        stream.writelines(f"images/missing_{number}.png,normal\n" for number in range(7))
+    summary = build(inputs, tmp_path / "s.zarr")
+    text = str(summary)
+    assert "7 label-table rows matched no input file" in text
+    assert "images/missing_0.png, images/missing_1.png" in text
+    assert "images/missing_5.png" not in text
+    assert "and 2 more" in text
+    stored = b"".join(store_files(tmp_path / "s.zarr").values())
+    assert b"missing_" not in stored

@@ -39,3 +39,9 @@ def test_conflicting_rows_rejected(tmp_path):
     path = write_table(tmp_path / "labels.csv", "file,label\na.jpg,x\n./a.jpg,y\n")
     with pytest.raises(ValueError, match="appears twice"):
         LabelTable(path)
+
+
+def test_unmatched_files_in_csv_order(tmp_path):
+    (tmp_path / "labels.csv").write_text("file,label\nb.png,normal\na.png,normal\n")
+    table = LabelTable(tmp_path / "labels.csv")
+    assert table.unmatched_files() == ["b.png", "a.png"]
