@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pydicom.config
+from pydicom.datadict import dictionary_has_tag
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import parse_basic_offsets, parse_fragments
 from pydicom.errors import InvalidDicomError
@@ -111,6 +112,8 @@ def read_dataset(path: Path) -> Dataset:
         dataset = pydicom.dcmread(path, force=True, defer_size=DEFER_SIZE)
     except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError) as error:
         raise IngestError(f"not a readable DICOM file ({type(error).__name__})") from None
+    if not _has_dicom_content(dataset):
+        raise IngestError("not a DICOM file: no DICM preamble and no valid data elements")
     if "PixelData" not in dataset:
         float_data = "FloatPixelData" in dataset or "DoubleFloatPixelData" in dataset
         what = "float pixel data is not supported" if float_data else "no Pixel Data element"
@@ -118,6 +121,17 @@ def read_dataset(path: Path) -> Dataset:
         raise IngestError(f"{what} (SOP Class {UID(sop_class).name if sop_class else 'unknown'})")
     _ensure_transfer_syntax(dataset)
     return dataset
+
+
+def _has_dicom_content(dataset: Dataset) -> bool:
+    """Return True when a dataset read with ``force`` has a preamble, File Meta or a standard tag.
+
+    pydicom 3.0 reads any bytes with ``force``. A text file gives no elements, and random bytes
+    usually give elements whose tags are not in the DICOM data dictionary.
+    """
+    if dataset.preamble is not None or len(getattr(dataset, "file_meta", None) or ()):
+        return True
+    return any(dictionary_has_tag(tag) for tag in dataset.keys())
 
 
 def _ensure_transfer_syntax(dataset: Dataset) -> None:

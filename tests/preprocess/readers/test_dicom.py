@@ -378,3 +378,19 @@ def test_rgb_greyscale_dicom(tmp_path):
     dataset.save_as(tmp_path / "a.dcm", enforce_file_format=True)
     image, = decode(tmp_path / "a.dcm")
     assert np.array_equal(image.pixels, grey.astype(np.uint16) * 257)
+
+
+@pytest.mark.parametrize("content", [b"hello", bytes(range(256)) * 2])
+def test_text_file_not_dicom(tmp_path, content):
+    path = tmp_path / "notes.dcm"
+    path.write_bytes(content)
+    with pytest.raises(IngestError, match="not a DICOM file: no DICM preamble"):
+        decode(path)
+
+
+def test_headerless_dicom_still_read(tmp_path):
+    path = tmp_path / "bare.dcm"
+    dataset = dicom_dataset(ramp())
+    del dataset.file_meta  # no preamble and no File Meta: only the data elements
+    dataset.save_as(path, enforce_file_format=False, implicit_vr=True, little_endian=True)
+    assert len(decode(path)) == 1
