@@ -8,12 +8,18 @@ the CSV's folder. When that fails, it is matched by its file name, if exactly on
 from __future__ import annotations
 
 import csv
+import logging
 import os
 import posixpath
 from dataclasses import dataclass
 from pathlib import Path
 
 from preprocess.catalog import UNLABELED
+
+# Max number of CSV line numbers with an empty label cell that the warning lists.
+EMPTY_LABELS_SHOWN = 5
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -38,11 +44,15 @@ class LabelTable:
                                              "--patient-column": patient_column,
                                              "--site-column": site_column})
         self._by_path: dict[str, LabelEntry] = {}
+        empty_label_lines: list[int] = []
         for number, record in enumerate(records, start=2):
             key = normalise_key(record.get(file_column) or "")
             if not key:
                 continue
-            entry = LabelEntry(label=(record.get(label_column) or "").strip() or UNLABELED,
+            label = (record.get(label_column) or "").strip()
+            if not label:
+                empty_label_lines.append(number)
+            entry = LabelEntry(label=label or UNLABELED,
                                patient=_optional(record, patient_column),
                                site=_optional(record, site_column))
             previous = self._by_path.get(key)
@@ -52,6 +62,7 @@ class LabelTable:
             self._by_path[key] = entry
         self._by_name = _index_by_name(self._by_path)
         self._matched: set[str] = set()
+        _warn_empty_labels(csv_path, label_column, empty_label_lines)
 
     def __len__(self) -> int:
         return len(self._by_path)
@@ -85,11 +96,34 @@ def normalise_key(text: str) -> str:
 
 
 def _read_records(csv_path: Path) -> tuple[list[dict[str, str]], list[str]]:
-    """Read CSV rows (a UTF-8 byte order mark is dropped) and the header."""
-    with open(csv_path, newline="", encoding="utf-8-sig") as stream:
-        reader = csv.DictReader(stream)
-        records = list(reader)
-        return records, list(reader.fieldnames or [])
+    """Read CSV rows (a UTF-8 byte order mark is dropped) and the header.
+
+    Raises:
+        ValueError: naming the file when it is not UTF-8 text or not valid CSV.
+    """
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as stream:
+            reader = csv.DictReader(stream)
+            records = list(reader)
+            return records, list(reader.fieldnames or [])
+    except UnicodeDecodeError as error:
+        raise ValueError(f"label table {csv_path} is not UTF-8 text (invalid byte "
+                         f"0x{error.object[error.start]:02x} at offset {error.start}); "
+                         "it must be a UTF-8 CSV file") from None
+    except csv.Error as error:
+        raise ValueError(f"label table {csv_path} is not a valid CSV file ({error}); "
+                         "it must be a UTF-8 CSV file") from None
+
+
+def _warn_empty_labels(csv_path: Path, label_column: str, lines: list[int]) -> None:
+    """Log one warning listing the first CSV line numbers whose label cell is empty."""
+    if not lines:
+        return
+    listed = ", ".join(str(number) for number in lines[:EMPTY_LABELS_SHOWN])
+    more = len(lines) - EMPTY_LABELS_SHOWN
+    log.warning("%s: %d rows have an empty %r cell and are labelled %r (lines %s%s); fill in "
+                "the label to use these images for training", csv_path, len(lines), label_column,
+                UNLABELED, listed, f" and {more} more" if more > 0 else "")
 
 
 def _require_columns(csv_path: Path, columns: list[str], wanted: dict[str, str | None]) -> None:

@@ -45,3 +45,21 @@ def test_unmatched_files_in_csv_order(tmp_path):
     (tmp_path / "labels.csv").write_text("file,label\nb.png,normal\na.png,normal\n")
     table = LabelTable(tmp_path / "labels.csv")
     assert table.unmatched_files() == ["b.png", "a.png"]
+
+
+def test_non_utf8_table_named(tmp_path):
+    path = tmp_path / "labels.csv"
+    path.write_bytes(bytes(range(128, 256)))
+    with pytest.raises(ValueError, match="labels.csv is not UTF-8 text") as raised:
+        LabelTable(path)
+    assert "must be a UTF-8 CSV" in str(raised.value)
+
+
+def test_empty_label_warned(tmp_path, caplog):
+    rows = "".join(f"{name}.png,\n" for name in "abcdefg")
+    path = write_table(tmp_path / "labels.csv", "file,label\nz.png,normal\n" + rows)
+    with caplog.at_level("WARNING", logger="preprocess.labels"):
+        LabelTable(path)
+    message = caplog.records[0].getMessage()
+    assert "7 rows have an empty 'label' cell" in message
+    assert "lines 3, 4, 5, 6, 7 and 2 more" in message
