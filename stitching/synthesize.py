@@ -213,6 +213,19 @@ def is_complete(paths: dict[str, Path]) -> bool:
     return isinstance(record, dict) and all(path.exists() for path in paths.values())
 
 
+def check_same_plan(sidecar: Path, plan: ImagePlan, seed: int) -> None:
+    """Raise ValueError when a finished image was made with another seed, label or size."""
+    record = json.loads(sidecar.read_text(encoding="utf-8"))
+    wanted = {"seed": seed, "label": plan.label, "height": plan.native_size[0],
+              "width": plan.native_size[1]}
+    differing = {key: (record.get(key), value) for key, value in wanted.items()
+                 if record.get(key) != value}
+    if differing:
+        details = ", ".join(f"{key} {old} -> {new}" for key, (old, new) in differing.items())
+        raise ValueError(f"{sidecar} was written with other settings ({details}); rerun with "
+                         f"the same settings to resume, or choose a new --out folder")
+
+
 def write_image_files(paths: dict[str, Path], pixels: np.ndarray, plan: ImagePlan,
                       spacing_mm: float | None, config: SynthConfig) -> None:
     """Write PNG, preview, DICOM and OME-Zarr files of one image (not the sidecar)."""
@@ -264,6 +277,7 @@ class Synthesizer:
         """Synthesize and write one image; returns "written", or "skipped" when already complete."""
         paths = output_paths(self.out_dir, plan.name, self.config.output.formats)
         if is_complete(paths):
+            check_same_plan(paths["sidecar"], plan, self.config.seed)
             return "skipped"
 
         started = time.perf_counter()

@@ -106,6 +106,14 @@ def test_rerun_skips_finished_images(tmp_path, checkpoints):
     assert {p.name: p.stat().st_mtime_ns for p in out_dir.iterdir()} == before
 
 
+def test_rerun_with_other_seed_fails(tmp_path, checkpoints):
+    run(tmp_path, checkpoints, n=1)
+    summary, _ = run(tmp_path, checkpoints, n=1, seed=6)
+    assert summary.written == []
+    assert [name for name, _ in summary.failed] == ["fractured_00000"]
+    assert "seed 5 -> 6" in summary.failed[0][1]
+
+
 def test_rerun_redoes_image_without_sidecar(tmp_path, checkpoints):
     _, out_dir = run(tmp_path, checkpoints)
     original = read_png(out_dir / "non_fractured_00001.png")
