@@ -310,9 +310,44 @@ def _check_output(output: torch.Tensor, batch_size: int, tile_size: int) -> torc
     return output
 
 
+def first_step(scheduler, strength: float) -> int:
+    """Return the index of the first timestep to run for an SDEdit start of ``strength``.
+
+    ``strength`` = 1 runs every timestep from pure noise. Below 1 the canvas starts from the
+    conditioning noised to the timestep at index ``steps - round_down(steps * strength)``
+    (SDEdit, Meng et al. 2022, "SDEdit: Guided Image Synthesis and Editing with Stochastic
+    Differential Equations"), so low frequencies of the level above are kept and fewer
+    model calls are spent.
+    """
+    if not 0.0 < strength <= 1.0:
+        raise ValueError(f"strength={strength}; use a value in (0, 1]")
+    steps = len(scheduler.timesteps) // scheduler.order
+    kept_steps = min(max(int(steps * strength), 1), steps)
+    start = (steps - kept_steps) * scheduler.order
+    if start and hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(start)
+    return start
+
+
+def initial_sample(scheduler, cond: CanvasArray, store: CanvasStore, base: TileGrid, job: LevelJob,
+                   bands: list[slice], timesteps: torch.Tensor, start: int) -> CanvasArray:
+    """Return x_T: noise drawn per owned cell, or for ``start`` > 0 the noised conditioning."""
+    sample = store.full("sample", base.canvas_shape)
+    sigma = float(scheduler.init_noise_sigma)
+    for rows in bands:
+        noise = cell_noise(base, rows, job.key(Stream.INITIAL_NOISE))[0]  # (rows, W')
+        if start == 0:
+            sample[rows] = noise * sigma
+            continue
+        clean = torch.from_numpy(np.asarray(cond[rows], dtype=np.float32))
+        noised = scheduler.add_noise(clean, torch.from_numpy(noise), timesteps[start:start + 1])
+        sample[rows] = noised.to(torch.float32).numpy()
+    return sample
+
+
 def sample_level_diffusion(denoise_fn: DenoiseFn, scheduler, cond: CanvasArray, job: LevelJob,
                            tiling: Tiling, store: CanvasStore, device: torch.device,
-                           eta: float = 0.0) -> CanvasArray:
+                           eta: float = 0.0, strength: float = 1.0) -> CanvasArray:
     """Sample one level with a diffusion patch model, blending tile outputs at every step.
 
     Args:
@@ -324,27 +359,25 @@ def sample_level_diffusion(denoise_fn: DenoiseFn, scheduler, cond: CanvasArray, 
         store: where canvases live (host memory or disk).
         device: device of the model; the canvas stays on the host.
         eta: DDIM eta; 0 makes sampling deterministic given the initial noise.
+        strength: 1 samples from pure noise; below 1 starts from the noised conditioning
+            and runs that share of the timesteps (:func:`first_step`).
 
     Returns:
         (H', W') canvas of x_0 in model space, about [-1, 1]; the image is its top-left (H, W).
     """
     base = base_grid(job, tiling)
-    canvas_shape = base.canvas_shape
-    bands = store.row_bands(canvas_shape)
+    bands = store.row_bands(base.canvas_shape)
     if len(bands) > 1:
         _check_band_steps(scheduler)
+    start = first_step(scheduler, strength)
     pristine = copy.deepcopy(scheduler)
     band_schedulers = [scheduler] if len(bands) == 1 else [copy.deepcopy(scheduler) for _ in bands]
-
-    # x_T: standard normal noise drawn per owned cell, times the scheduler's initial sigma.
-    sample = store.full("sample", canvas_shape)
-    sigma = float(scheduler.init_noise_sigma)
-    for rows in bands:
-        sample[rows] = cell_noise(base, rows, job.key(Stream.INITIAL_NOISE))[0] * sigma
+    sample = initial_sample(pristine, cond, store, base, job, bands, pristine.timesteps, start)
 
     labels = torch.full((tiling.tile_batch,), job.label_index, dtype=torch.long, device=device)
     levels = torch.full((tiling.tile_batch,), job.level, dtype=torch.long, device=device)
-    for step, timestep in enumerate(pristine.timesteps):
+    for step in range(start, len(pristine.timesteps)):
+        timestep = pristine.timesteps[step]
         # Band schedulers advance as bands finish, so inputs are scaled by a fresh copy.
         input_scheduler = scheduler if len(bands) == 1 else copy.deepcopy(pristine)
 

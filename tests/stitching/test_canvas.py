@@ -7,7 +7,8 @@ from diffusers import DPMSolverMultistepScheduler
 
 from eval.seams import seam_score
 from patchgen.conditioning import coordinate_grid
-from stitching.canvas import LevelJob, Tiling, base_grid, sample_level_diffusion, sample_level_gan
+from stitching.canvas import (LevelJob, Tiling, base_grid, first_step, sample_level_diffusion,
+                             sample_level_gan)
 from stitching.storage import CanvasStore
 from tests.stitching.tiny_models import (CPU, ddim, identity_denoise, identity_gan, mixing_denoise,
                                          mixing_gan, noise_denoise, noise_gan, random_cond,
@@ -42,6 +43,67 @@ def test_diffusion_identity_reproduces_cond(shape, grid_shift):
     out = sample_level_diffusion(identity_denoise, ddim(), cond, job_for(shape), tiling,
                                  CanvasStore(), CPU, eta=0.0)
     assert np.abs(out[:shape[0], :shape[1]] - image).max() < 1e-6
+
+
+@pytest.mark.parametrize("strength", [0.25, 0.5])
+def test_identity_from_noised_cond_is_exact(strength):
+    shape = (101, 70)
+    tiling = Tiling(tile_size=32, overlap=8, tile_batch=5, grid_shift=True, align=2)
+    image, cond = random_cond(shape, tiling)
+    out = sample_level_diffusion(identity_denoise, ddim(8), cond, job_for(shape), tiling,
+                                 CanvasStore(), CPU, strength=strength)
+    assert np.abs(out[:shape[0], :shape[1]] - image).max() < 1e-6
+
+
+@pytest.mark.parametrize(("strength", "start"), [(1.0, 0), (0.5, 4), (0.25, 6), (0.01, 7)])
+def test_first_step_share_of_timesteps(strength, start):
+    assert first_step(ddim(8), strength) == start
+
+
+@pytest.mark.parametrize("strength", [0.0, 1.5])
+def test_first_step_rejects_bad_strength(strength):
+    with pytest.raises(ValueError, match="strength"):
+        first_step(ddim(8), strength)
+
+
+def test_strength_sets_start_timestep():
+    shape = (40, 40)
+    tiling = Tiling(tile_size=32, overlap=8, tile_batch=16)
+    _, cond = random_cond(shape, tiling)
+    timesteps = []
+
+    def record(x_t, cond, coords, mask, timestep, label, level):
+        timesteps.append(timestep)
+        return cond.clone()
+
+    sample_level_diffusion(record, ddim(8), cond, job_for(shape), tiling, CanvasStore(), CPU,
+                           strength=0.25)
+    assert timesteps == [int(t) for t in ddim(8).timesteps[6:]]
+
+
+def test_strength_stays_closer_to_cond():
+    shape = (64, 64)
+    tiling = Tiling(tile_size=32, overlap=8, tile_batch=4, align=2)
+    image, cond = random_cond(shape, tiling)
+    full = sample_level_diffusion(mixing_denoise, ddim(8, "epsilon"), cond, job_for(shape), tiling,
+                                  CanvasStore(), CPU)
+    partial = sample_level_diffusion(mixing_denoise, ddim(8, "epsilon"), cond, job_for(shape),
+                                     tiling, CanvasStore(), CPU, strength=0.25)
+    error_full = np.abs(full[:64, :64] - image).mean()
+    error_partial = np.abs(partial[:64, :64] - image).mean()
+    assert error_partial < error_full
+
+
+def test_disk_equals_host_with_strength(tmp_path):
+    shape = (101, 70)
+    tiling = Tiling(tile_size=32, overlap=8, tile_batch=5, grid_shift=True, align=2)
+    _, cond = random_cond(shape, tiling)
+    host = sample_level_diffusion(mixing_denoise, ddim(8, "epsilon"), cond, job_for(shape),
+                                  tiling, CanvasStore(), CPU, eta=0.5, strength=0.5)
+    disk = sample_level_diffusion(mixing_denoise, ddim(8, "epsilon"), cond, job_for(shape),
+                                  tiling, CanvasStore(tmp_path, disk_min_pixels=0, band_rows=17),
+                                  CPU, eta=0.5, strength=0.5)
+    assert np.array_equal(host, disk[:])
 
 
 @pytest.mark.parametrize("channel", [0, 1])
@@ -170,7 +232,8 @@ def test_disk_canvas_equals_host_canvas(tmp_path):
     assert np.array_equal(host, disk[:])
 
 
-def test_disk_canvas_with_multistep_scheduler(tmp_path):
+@pytest.mark.parametrize("strength", [1.0, 0.6])
+def test_disk_canvas_with_multistep_scheduler(tmp_path, strength):
     shape = (90, 70)
     tiling = Tiling(tile_size=32, overlap=8, tile_batch=5, align=2)
     _, cond = random_cond(shape, tiling)
@@ -179,7 +242,8 @@ def test_disk_canvas_with_multistep_scheduler(tmp_path):
         scheduler = DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2)
         scheduler.set_timesteps(5)
         outputs.append(np.asarray(sample_level_diffusion(mixing_denoise, scheduler, cond,
-                                                         job_for(shape), tiling, store, CPU)[:]))
+                                                         job_for(shape), tiling, store, CPU,
+                                                         strength=strength)[:]))
     assert np.array_equal(outputs[0], outputs[1])
 
 
