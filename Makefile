@@ -41,8 +41,7 @@ demo: install
 	$(PY) cli.py train-global --store $(WORK)/store.zarr --out $(WORK)/global --config cpu-tiny; \
 	$(PY) cli.py train-patch --store $(WORK)/store.zarr --out $(WORK)/patch --config cpu-tiny; \
 	$(PY) cli.py synthesize --global $(WORK)/global --patch $(WORK)/patch --out $(WORK)/synthetic \
-		--n 2 --size native --min-megapixels 1 --seed $(SEED) --config cpu-tiny \
-		--set patch.steps=2 --set canvas.overlap=8; \
+		--n 2 --size native --min-megapixels 1 --seed $(SEED) --config cpu-tiny; \
 	$(PY) cli.py eval --real $(WORK)/store.zarr --synthetic $(WORK)/synthetic --out $(WORK)/eval \
 		--config cpu-tiny; \
 	echo "synthetic images: $(WORK)/synthetic"; \

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -84,19 +85,21 @@ class LayoutSampler:
         _, height, width, _ = self.label_sizes(label)[0]
         return height, width
 
-    def draw_size(self, label: str, rng: np.random.Generator,
-                  min_megapixels: float = 0.0) -> Shape:
-        """Draw (H, W) of a random training image of ``label`` with at least ``min_megapixels``.
+    def draw_size(self, label: str, rng: np.random.Generator, min_megapixels: float = 0.0,
+                  max_megapixels: float = math.inf) -> Shape:
+        """Draw (H, W) of a random training image of ``label`` within the megapixel range.
 
         Drawing whole records keeps height and width jointly distributed as in training.
         """
         records = self.label_sizes(label)
-        fitting = [(h, w) for _, h, w, _ in records if h * w >= min_megapixels * 1e6]
+        fitting = [(h, w) for _, h, w, _ in records
+                   if min_megapixels * 1e6 <= h * w <= max_megapixels * 1e6]
         if not fitting:
-            largest = max(h * w for _, h, w, _ in records) / 1e6
-            raise ValueError(f"no training image of label {label!r} has at least "
-                             f"{min_megapixels} megapixels (largest: {largest:.2f} MP); lower "
-                             f"--min-megapixels or give --size HxW")
+            sizes = [h * w / 1e6 for _, h, w, _ in records]
+            raise ValueError(f"no training image of label {label!r} has {min_megapixels} to "
+                             f"{max_megapixels} megapixels (training sizes: {min(sizes):.2f} to "
+                             f"{max(sizes):.2f} MP); widen --min-megapixels/--max-megapixels "
+                             f"or give --size HxW")
         return fitting[int(rng.integers(len(fitting)))]
 
     def typical_spacing(self, label: str) -> float | None:
@@ -221,10 +224,10 @@ class GlobalSampler:
             raise ValueError(f"label {label!r} is not one of the global model's labels {self.labels}")
         return self._samplers[label]
 
-    def draw_native_size(self, label: str, rng: np.random.Generator,
-                         min_megapixels: float = 0.0) -> tuple[int, int]:
-        """Draw (H, W) from the training sizes of ``label`` with at least ``min_megapixels``."""
-        return self._check_label(label).draw_size(label, rng, min_megapixels)
+    def draw_native_size(self, label: str, rng: np.random.Generator, min_megapixels: float = 0.0,
+                         max_megapixels: float = math.inf) -> tuple[int, int]:
+        """Draw (H, W) from the training sizes of ``label`` within the megapixel range."""
+        return self._check_label(label).draw_size(label, rng, min_megapixels, max_megapixels)
 
     def layout_level(self, native_shape: tuple[int, int]) -> int:
         """Pyramid level of every label's layout for ``native_shape``.

@@ -29,12 +29,16 @@ class PatchSamplingConfig:
 
     steps: int | None = None  # denoising steps per level; None = the patch run's default
     eta: float = 0.0          # DDIM eta: 0 is deterministic given the initial noise, 1 is DDPM-like
+    strength: float = 1.0     # 1: from pure noise; below 1: from the noised level above (SDEdit)
 
     def validate(self) -> None:
         if self.steps is not None and self.steps < 1:
             raise ConfigError(f"patch.steps={self.steps}; use a positive step count or null")
         if not 0.0 <= self.eta <= 1.0:
             raise ConfigError(f"patch.eta={self.eta}; use a value in [0, 1]")
+        if not 0.0 < self.strength <= 1.0:
+            raise ConfigError(f"patch.strength={self.strength}; use a value in (0, 1], 1 for "
+                              f"sampling from pure noise")
 
 
 @dataclass
@@ -93,6 +97,7 @@ class SynthConfig:
     label: str | None = None        # class of every image; None = labels in turn
     size: str = "native"            # native (drawn from training sizes) or HxW in pixels
     min_megapixels: float = 0.0     # native sizes are drawn from training sizes at least this large
+    max_megapixels: float = 60.0    # no image above this size: native draws and --size alike
     device: str = "auto"            # torch device; auto = cuda when available, else cpu
     shard_index: int = 0            # this process writes images i with i % shard_count == shard_index
     shard_count: int = 1
@@ -110,6 +115,10 @@ class SynthConfig:
             raise ConfigError(f"size={self.size!r}; use native or HxW in pixels, e.g. 2048x1536")
         if self.min_megapixels < 0:
             raise ConfigError(f"min_megapixels={self.min_megapixels}; use 0 or more")
+        if self.max_megapixels <= self.min_megapixels:
+            raise ConfigError(f"max_megapixels={self.max_megapixels} must be above "
+                              f"min_megapixels={self.min_megapixels}")
+        self.native_size()  # raises ConfigError for a size outside 1 pixel to max_megapixels
         if not 0 <= self.shard_index < self.shard_count:
             raise ConfigError(f"shard_index={self.shard_index} must be in [0, shard_count="
                               f"{self.shard_count})")
@@ -122,4 +131,9 @@ class SynthConfig:
         height, width = int(match.group(1)), int(match.group(2))
         if height < 1 or width < 1:
             raise ConfigError(f"size={self.size!r}; both sides must be at least 1 pixel")
+        megapixels = height * width / 1e6
+        if megapixels > self.max_megapixels:
+            raise ConfigError(f"size={self.size!r} is {megapixels:.1f} megapixels, above "
+                              f"max_megapixels={self.max_megapixels}; give a smaller --size, or "
+                              f"raise --max-megapixels when the host has the memory and time")
         return height, width

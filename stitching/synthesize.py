@@ -93,7 +93,8 @@ def plan_image(index: int, config: SynthConfig, global_sampler) -> ImagePlan:
     native_size = config.native_size()
     if native_size is None:
         rng = numpy_rng(config.seed, index, 0, Stream.LABEL_AND_SIZE)
-        native_size = tuple(global_sampler.draw_native_size(label, rng, config.min_megapixels))
+        native_size = tuple(global_sampler.draw_native_size(label, rng, config.min_megapixels,
+                                                                config.max_megapixels))
     return ImagePlan(index, label, native_size)
 
 
@@ -165,7 +166,8 @@ def sample_native(global_sampler, patch_sampler, plan: ImagePlan, config: SynthC
         if patch_sampler.kind == "diffusion":
             scheduler = patch_sampler.make_scheduler(config.patch.steps)
             current = sample_level_diffusion(patch_sampler.denoise_fn, scheduler, cond, job, tiling,
-                                             store, device, eta=config.patch.eta)
+                                             store, device, eta=config.patch.eta,
+                                             strength=config.patch.strength)
         else:
             current = sample_level_gan(patch_sampler.gan_fn, patch_sampler.noise_channels, cond, job,
                                        tiling, store, device)
@@ -201,8 +203,20 @@ def output_paths(out_dir: Path, name: str, formats: list[str]) -> dict[str, Path
     return paths
 
 
+def file_bytes(path: Path) -> int:
+    """Size of a file, or of every file under a folder (an OME-Zarr store), in bytes."""
+    if path.is_dir():
+        return sum(item.stat().st_size for item in path.rglob("*") if item.is_file())
+    return path.stat().st_size
+
+
 def is_complete(paths: dict[str, Path]) -> bool:
-    """Return whether an image was fully written: a readable sidecar and every listed file."""
+    """Return whether an image was fully written.
+
+    The sidecar is written last and records the byte size of every file, so a file that is
+    missing or changed in size (a truncated copy, say) makes the image incomplete, and a
+    rerun writes it again.
+    """
     sidecar = paths["sidecar"]
     if not sidecar.is_file():
         return False
@@ -210,7 +224,15 @@ def is_complete(paths: dict[str, Path]) -> bool:
         record = json.loads(sidecar.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    return isinstance(record, dict) and all(path.exists() for path in paths.values())
+    if not isinstance(record, dict) or not isinstance(record.get("file_bytes"), dict):
+        return False
+    expected = record["file_bytes"]
+    for kind, path in paths.items():
+        if kind == "sidecar":
+            continue
+        if not path.exists() or expected.get(kind) != file_bytes(path):
+            return False
+    return True
 
 
 def check_same_plan(sidecar: Path, plan: ImagePlan, seed: int) -> None:
@@ -302,6 +324,8 @@ class Synthesizer:
                             "patch": self.checkpoint(self.patch_sampler.checkpoint_path)},
             "config": to_dict(self.config), "software_version": software_version(),
             "files": {kind: path.name for kind, path in paths.items() if kind != "sidecar"},
+            "file_bytes": {kind: file_bytes(path) for kind, path in paths.items()
+                           if kind != "sidecar"},
             "seconds": round(time.perf_counter() - started, 3),
         }
         write_sidecar(paths["sidecar"], record)

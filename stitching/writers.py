@@ -30,11 +30,19 @@ ZARR_CHUNK = 256  # chunk side of the OME-Zarr output arrays in pixels
 
 @contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path`` and move it onto ``path`` when the block succeeds."""
+    """Yield a temporary path beside ``path`` and move it onto ``path`` when the block succeeds.
+
+    A folder already at ``path`` (an earlier OME-Zarr output) is moved aside first and removed
+    after the replacement, since a rename cannot replace a non-empty folder.
+    """
     temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    old = path.with_name(f".{path.name}.old-{os.getpid()}")
     try:
         yield temporary
+        if path.is_dir():
+            os.replace(path, old)
         os.replace(temporary, path)
+        shutil.rmtree(old, ignore_errors=True)
     finally:
         if temporary.is_dir():
             shutil.rmtree(temporary, ignore_errors=True)

@@ -91,8 +91,10 @@ def test_native_sizes_from_catalog(conditional_run):
     drawn = {sampler.draw_native_size("non_fractured", rng) for _ in range(60)}
     assert drawn == {(373, 454), (454, 373), DICOM_SIZE}
     assert sampler.draw_native_size("non_fractured", rng, min_megapixels=1.0) == DICOM_SIZE
-    with pytest.raises(ValueError, match="at least 5.0 megapixels"):
+    with pytest.raises(ValueError, match="5.0 to inf megapixels"):
         sampler.draw_native_size("fractured", rng, min_megapixels=5.0)
+    small = {sampler.draw_native_size("non_fractured", rng, max_megapixels=0.5) for _ in range(30)}
+    assert small == {(373, 454), (454, 373)}
 
 
 @needs_radiographs

@@ -13,7 +13,7 @@ from stitching.synthesize import patch_levels, synthesize_with
 from tests.stitching.tiny_models import CPU, StubGlobalSampler, StubPatchSampler
 
 SIDECAR_KEYS = {"name", "label", "seed", "image_index", "height", "width", "spacing_mm", "levels",
-                "tile_grid", "checkpoints", "config", "software_version"}
+                "tile_grid", "checkpoints", "config", "software_version", "file_bytes"}
 
 
 @pytest.fixture
@@ -121,6 +121,40 @@ def test_rerun_redoes_image_without_sidecar(tmp_path, checkpoints):
     summary, _ = run(tmp_path, checkpoints)
     assert summary.written == ["non_fractured_00001"]
     assert np.array_equal(read_png(out_dir / "non_fractured_00001.png"), original)
+
+
+def test_rerun_redoes_image_with_truncated_png(tmp_path, checkpoints):
+    _, out_dir = run(tmp_path, checkpoints)
+    png = out_dir / "non_fractured_00001.png"
+    original = read_png(png)
+    png.write_bytes(png.read_bytes()[: png.stat().st_size // 2])
+    summary, _ = run(tmp_path, checkpoints)
+    assert summary.written == ["non_fractured_00001"]
+    assert summary.skipped == ["fractured_00000", "fractured_00002"]
+    assert np.array_equal(read_png(png), original)
+
+
+def test_rerun_redoes_image_with_missing_zarr_chunk(tmp_path, checkpoints):
+    formats = ["png", "zarr"]
+    _, out_dir = run(tmp_path, checkpoints, n=1, output__formats=formats)
+    chunks = [p for p in (out_dir / "fractured_00000.ome.zarr").rglob("*")
+              if p.is_file() and p.name != "zarr.json"]
+    chunks[0].unlink()
+    summary, _ = run(tmp_path, checkpoints, n=1, output__formats=formats)
+    assert summary.written == ["fractured_00000"]
+
+
+def test_explicit_size_above_max_megapixels_is_refused():
+    with pytest.raises(ConfigError, match="max_megapixels"):
+        config_for(size="100000x100000")
+
+
+def test_native_sizes_respect_max_megapixels(tmp_path, checkpoints):
+    summary, out_dir = run(tmp_path, checkpoints, n=3, max_megapixels=0.006)
+    assert summary.failed == []
+    for name in summary.written:
+        record = json.loads((out_dir / f"{name}.json").read_text())
+        assert record["height"] * record["width"] <= 6000
 
 
 def test_failed_image_does_not_stop_others(tmp_path, checkpoints):

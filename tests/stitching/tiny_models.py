@@ -86,8 +86,9 @@ class StubGlobalSampler:
         self.fail_size = fail_size
         self._layout_level = layout_level
 
-    def draw_native_size(self, label, rng, min_megapixels=0.0):
-        sizes = [s for s in self.sizes[label] if s[0] * s[1] >= min_megapixels * 1e6]
+    def draw_native_size(self, label, rng, min_megapixels=0.0, max_megapixels=float("inf")):
+        sizes = [s for s in self.sizes[label]
+                 if min_megapixels * 1e6 <= s[0] * s[1] <= max_megapixels * 1e6]
         return sizes[int(rng.integers(len(sizes)))]
 
     def layout_level(self, native_size):
