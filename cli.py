@@ -21,10 +21,16 @@ CONFIG_HELP = ("YAML preset name (cpu-tiny, gpu) or path to a YAML file. "
 SET_HELP = "Override a config value by its dotted YAML key, e.g. --set train.lr=2e-4. Repeatable."
 
 
+OWN_PACKAGES = ("femurgen", "preprocess", "patchgen", "stitching", "eval")
+
+
 def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    """Log INFO and up; with ``verbose`` also femurgen's DEBUG (not that of libraries)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
+    if verbose:
+        for name in OWN_PACKAGES:
+            logging.getLogger(name).setLevel(logging.DEBUG)
 
 
 def _load_config(cls, stage: str, preset: str | None, overrides: tuple[str, ...]):
@@ -321,8 +327,10 @@ def _shard_option(ctx, param, value):
         index, count = (int(part) for part in value.split("/"))
     except ValueError:
         raise click.BadParameter(f"{value!r} is invalid; use K/N, e.g. 0/4") from None
+    if count < 1:
+        raise click.BadParameter(f"{value!r} is invalid; N is the number of shards, at least 1")
     if not 0 <= index < count:
-        raise click.BadParameter(f"{value!r} is invalid; K must be in [0, N)")
+        raise click.BadParameter(f"{value!r} is invalid; K must be in [0, N), here 0 to {count - 1}")
     return index, count
 
 
@@ -348,6 +356,9 @@ def _shard_option(ctx, param, value):
 @click.option("--min-megapixels", default=None, type=click.FloatRange(0),
               help="With --size native, draw only training sizes of at least this many "
                    "megapixels; sets min_megapixels.")
+@click.option("--max-megapixels", default=None, type=click.FloatRange(0, min_open=True),
+              help="Largest image in megapixels, for --size native draws and --size HxW alike; "
+                   "sets max_megapixels. Default: the preset's (60).")
 @click.option("--tile-batch", default=None, type=click.IntRange(1),
               help="Tiles per model call; device memory grows with it, the images do not "
                    "change. Sets canvas.tile_batch.")
@@ -363,7 +374,8 @@ def _shard_option(ctx, param, value):
 @click.option("--set", "overrides", multiple=True, help=SET_HELP)
 @click.option("--dry-run", is_flag=True, help="Print the resolved config and stop.")
 def synthesize_command(global_run, patch_run, out, count, label, size, seed, min_megapixels,
-                       tile_batch, formats, device, shard, preset, overrides, dry_run) -> None:
+                       max_megapixels, tile_batch, formats, device, shard, preset, overrides,
+                       dry_run) -> None:
     """Synthesize native-size radiographs tile by tile.
 
     Exits with status 1 when any image failed; the other images are still written.
@@ -373,7 +385,8 @@ def synthesize_command(global_run, patch_run, out, count, label, size, seed, min
 
     # Options are applied as --set overrides, JSON-quoted so YAML keeps strings as strings.
     options = {"n": count, "label": label, "size": size, "seed": seed,
-               "min_megapixels": min_megapixels, "canvas.tile_batch": tile_batch,
+               "min_megapixels": min_megapixels, "max_megapixels": max_megapixels,
+               "canvas.tile_batch": tile_batch,
                "output.formats": formats, "device": device,
                "shard_index": shard[0] if shard else None,
                "shard_count": shard[1] if shard else None}

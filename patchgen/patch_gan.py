@@ -239,6 +239,7 @@ class PatchGanTask:
 
     ema_network = "generator"
     phases = ("discriminator", "generator")
+    sample_unit = "patch"
 
     def __init__(self, store, rows, label_names: list[str], config):
         self.store = store

@@ -106,6 +106,7 @@ class PatchDiffusionTask:
 
     ema_network = "model"
     phases = ("model",)
+    sample_unit = "patch"
 
     def __init__(self, store, rows, label_names: list[str], config: PatchConfig):
         self.store = store

@@ -121,7 +121,9 @@ class TrainingTask(Protocol):
 
     A task may also define ``sample_order(batch_size, seed) -> SampleOrder`` to choose the
     data order (for example aspect-ratio buckets); without it the trainer uses
-    ``ShuffledOrder``. Phase names are network names: phase ``p`` steps ``networks[p]``.
+    ``ShuffledOrder``, and ``sample_unit`` (for example "patch") to name a training sample in
+    the progress bar; without it a sample is an "img". Phase names are network names: phase
+    ``p`` steps ``networks[p]``.
     """
 
     networks: dict[str, torch.nn.Module]   # trainable networks by name
@@ -645,7 +647,8 @@ class Trainer:
             seed_global_rngs(derive_seed(self.config.seed, self.rank, _GLOBAL_RNG_STREAM))
         logger = StatusLogger(self.run_dir, enabled=self.is_main, images_seen=self.images_seen)
         progress = tqdm(total=self.config.duration,
-                        initial=min(self.images_seen, self.config.duration), unit="img",
+                        initial=min(self.images_seen, self.config.duration),
+                        unit=getattr(self.task, "sample_unit", "img"),
                         disable=not self.is_main, dynamic_ncols=True)
         try:
             with StopRequest() as stop:

@@ -146,8 +146,8 @@ class BuildSummary:
         return sum(self.split_counts.values())
 
     def exit_code(self, strict: bool) -> int:
-        """Return 1 when ``strict`` and any file failed, else 0."""
-        return 1 if strict and self.failed else 0
+        """Return 1 when the store contains no image, or when ``strict`` and any file failed."""
+        return 1 if self.images == 0 or (strict and self.failed) else 0
 
     def __str__(self) -> str:
         rate = self.megapixels / self.seconds if self.seconds else 0.0
@@ -164,6 +164,9 @@ class BuildSummary:
             lines.append(f"failed files (keys are sha256 prefixes of the file content; see "
                          f"{self.store / FAILED_NAME}):")
             lines.extend(f"  {item.file} ({item.kind}): {item.reason}" for item in self.failed)
+        if self.images == 0:
+            lines.append("the store contains no image: every input file failed or was ignored; fix "
+                         "the failures above or point SOURCES at radiographs")
         return "\n".join(lines)
 
     def _unmatched_line(self) -> str:

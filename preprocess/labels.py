@@ -11,6 +11,7 @@ import csv
 import logging
 import os
 import posixpath
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +53,7 @@ class LabelTable:
             label = (record.get(label_column) or "").strip()
             if not label:
                 empty_label_lines.append(number)
+            _check_label_name(csv_path, number, label)
             entry = LabelEntry(label=label or UNLABELED,
                                patient=_optional(record, patient_column),
                                site=_optional(record, site_column))
@@ -85,6 +87,18 @@ class LabelTable:
     def unmatched_files(self) -> list[str]:
         """Return the file values (normalised, in CSV order) of rows that matched no input file."""
         return [key for key in self._by_path if key not in self._matched]
+
+
+# Labels name run folders (one model per class) and output files, so they must be file names.
+UNSAFE_LABEL = re.compile(r'[/\\:*?"<>|\x00-\x1f]')
+
+
+def _check_label_name(csv_path: Path, line: int, label: str) -> None:
+    """Raise ValueError when a label cannot be part of a file name."""
+    if UNSAFE_LABEL.search(label) or label in {".", ".."}:
+        raise ValueError(f"{csv_path} line {line}: label {label!r} cannot be part of a file "
+                         f"name (it names model folders and output files); rename it without "
+                         f'/ \\ : * ? " < > | or control characters')
 
 
 def normalise_key(text: str) -> str:

@@ -77,3 +77,15 @@ def test_empty_folder_is_usage_error(tmp_path):
     assert result.exit_code == 2
     assert "check the path" in result.output
     assert not (tmp_path / "b.zarr").exists()
+
+
+def test_all_files_failing_exits_1(tmp_path):
+    folder = tmp_path / "broken"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(b"not a png")
+    (folder / "b.jpg").write_bytes(b"\xff\xd8 not a jpeg either")
+    result = run("pyramid", "build", str(folder), "--out", str(tmp_path / "s.zarr"),
+                 "--workers", "0")
+    assert result.exit_code == 1
+    assert "contains no image" in result.output
+    assert "failed 2" in result.output

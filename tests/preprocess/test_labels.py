@@ -63,3 +63,15 @@ def test_empty_label_warned(tmp_path, caplog):
     message = caplog.records[0].getMessage()
     assert "7 rows have an empty 'label' cell" in message
     assert "lines 3, 4, 5, 6, 7 and 2 more" in message
+
+
+@pytest.mark.parametrize("label", ["AFF/NFF", "a\\b", "..", "what?"])
+def test_label_unfit_for_file_name_rejected(tmp_path, label):
+    path = write_table(tmp_path / "labels.csv", f'file,label\na.jpg,x\nb.jpg,"{label}"\n')
+    with pytest.raises(ValueError, match="line 3: label .* cannot be part of a file name"):
+        LabelTable(path)
+
+
+def test_label_with_space_and_dash_accepted(tmp_path):
+    path = write_table(tmp_path / "labels.csv", "file,label\na.jpg,non fractured\nb.jpg,AFF-1\n")
+    assert LabelTable(path).lookup(tmp_path / "a.jpg").label == "non fractured"
