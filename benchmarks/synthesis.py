@@ -214,6 +214,7 @@ def run_one(args) -> dict:
     result = {
         "megapixels": size[0] * size[1] / 1e6, "height": size[0], "width": size[1],
         "levels": facts["tile_grid"]["patch_levels"], "steps": config.patch.steps,
+        "strength": config.patch.strength,
         "tile_size": tiling.tile_size, "overlap": tiling.overlap, "tile_batch": tiling.tile_batch,
         "disk_canvas": store.uses_disk(size), "model_calls": counter.calls,
         "tile_evaluations": counter.tiles, "synthesis_s": seconds,
