@@ -329,7 +329,8 @@ def memorization_metrics(context: Context) -> dict[str, Any]:
     if len(train.ids) == 0:
         return {"status": "not_computed", "reason": "the store has no image in the train split"}
 
-    flat = [normalise_rows(s.images.reshape(len(s.images), -1)) for s in (train, test, fake)]
+    # An explicit width, because a split without images (a tiny store) has zero rows.
+    flat = [normalise_rows(s.images.reshape(len(s.images), size * size)) for s in (train, test, fake)]
     rng = context.rng("memorization")
     tables = {"ncc": memorization_table("ncc", flat[2], flat[0], flat[1], fake.labels, settings.threshold_quantile, rng)}
     train_rows, test_rows, fake_rows = embedding_rows(context, train, test, fake)

@@ -119,3 +119,20 @@ def test_eval_missing_option(store_path):
     result = CliRunner().invoke(main, ["eval", "--real", str(store_path)])
     assert result.exit_code == 2
     assert "--synthetic" in result.output
+
+
+def test_store_with_train_split_only(synthetic_dir, tmp_path):
+    from preprocess.build import build_store
+    from tests.eval.conftest import FRACATLAS
+
+    files = sorted(FRACATLAS.rglob("*.jpg"))[:2]
+    store = tmp_path / "train-only.zarr"
+    build_store(files, store, workers=0, split="1,0,0")
+    out = tmp_path / "eval"
+    result = CliRunner().invoke(main, ["eval", "--real", str(store), "--synthetic", str(synthetic_dir),
+                                       "--out", str(out), "--config", "cpu-tiny", *FAST])
+    assert result.exit_code == 0, result.output
+    memorization = json.loads((out / "metrics.json").read_text())["memorization"]
+    assert memorization["n_calibration"] == 0
+    assert memorization["ncc"]["threshold"]["status"] == "not_computed"
+    assert len(memorization["ncc"]["nearest_train_id"]) == 3
