@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -51,8 +52,11 @@ def preset_path(stage: str, name_or_path: str) -> Path:
 
 def load_yaml(path: Path) -> dict[str, Any]:
     """Read a YAML mapping; an empty file is an empty mapping."""
-    with open(path, encoding="utf-8") as handle:
-        data = yaml.safe_load(handle) or {}
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = yaml.safe_load(handle) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path} is not valid YAML ({error}); fix the line it names") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
     return data
@@ -103,19 +107,27 @@ def _convert(value: Any, annotation: Any, where: str) -> Any:
         item_type = args[0] if args else Any
         items = [_convert(v, item_type, f"{where}[{i}]") for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
-    if annotation is float and isinstance(value, str):
-        # PyYAML reads exponents without a dot ("2e-4") as strings.
-        try:
-            return float(value)
-        except ValueError:
-            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
-    if annotation is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
+    if annotation is float:
+        return _finite_float(value, where)
     if annotation in (int, str, bool) and not isinstance(value, annotation):
         raise ConfigError(f"{where}: expected {annotation.__name__}, got {value!r}")
     if annotation is int and isinstance(value, bool):
         raise ConfigError(f"{where}: expected int, got {value!r}")
     return value
+
+
+def _finite_float(value: Any, where: str) -> float:
+    """Convert a YAML number (or a string such as "2e-4") to a finite float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    try:
+        # PyYAML reads exponents without a dot ("2e-4") as strings.
+        number = float(value)
+    except ValueError:
+        raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+    if not math.isfinite(number):
+        raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+    return number
 
 
 def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:

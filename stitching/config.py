@@ -11,6 +11,11 @@ OUTPUT_FORMATS = ("png", "dicom", "zarr")
 SIZE_PATTERN = re.compile(r"^(\d+)x(\d+)$")
 
 
+# DDIM with diffusers' default "leading" spacing runs a single step at timestep 0, where the
+# model treats its input as clean and returns the initial noise.
+ONE_STEP = "a single DDIM step runs at timestep 0 and returns the initial noise"
+
+
 @dataclass
 class LayoutSamplingConfig:
     """Sampling of the global layout model."""
@@ -19,8 +24,8 @@ class LayoutSamplingConfig:
     guidance_scale: float | None = None  # classifier-free guidance; None = the run's default
 
     def validate(self) -> None:
-        if self.steps is not None and self.steps < 1:
-            raise ConfigError(f"layout.steps={self.steps}; use a positive step count or null")
+        if self.steps is not None and self.steps < 2:
+            raise ConfigError(f"layout.steps={self.steps}; use 2 or more, or null ({ONE_STEP})")
 
 
 @dataclass
@@ -32,8 +37,8 @@ class PatchSamplingConfig:
     strength: float = 1.0     # 1: from pure noise; below 1: from the noised level above (SDEdit)
 
     def validate(self) -> None:
-        if self.steps is not None and self.steps < 1:
-            raise ConfigError(f"patch.steps={self.steps}; use a positive step count or null")
+        if self.steps is not None and self.steps < 2:
+            raise ConfigError(f"patch.steps={self.steps}; use 2 or more, or null ({ONE_STEP})")
         if not 0.0 <= self.eta <= 1.0:
             raise ConfigError(f"patch.eta={self.eta}; use a value in [0, 1]")
         if not 0.0 < self.strength <= 1.0:
@@ -115,7 +120,7 @@ class SynthConfig:
             raise ConfigError(f"size={self.size!r}; use native or HxW in pixels, e.g. 2048x1536")
         if self.min_megapixels < 0:
             raise ConfigError(f"min_megapixels={self.min_megapixels}; use 0 or more")
-        if self.max_megapixels <= self.min_megapixels:
+        if not self.max_megapixels > self.min_megapixels:
             raise ConfigError(f"max_megapixels={self.max_megapixels} must be above "
                               f"min_megapixels={self.min_megapixels}")
         self.native_size()  # raises ConfigError for a size outside 1 pixel to max_megapixels

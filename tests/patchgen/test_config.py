@@ -50,3 +50,16 @@ def test_patch_run_rejected_as_global(tmp_path):
     (model_dir / "femurgen.json").write_text(json.dumps({"kind": "diffusion"}))
     with pytest.raises(ValueError, match="order of --global and --patch"):
         _read_snapshot_info(model_dir, GLOBAL_KINDS)
+
+
+@pytest.mark.parametrize("value", [None, [1, 2], True, "nan", ".inf"])
+def test_float_field_rejects_non_number(value):
+    with pytest.raises(ConfigError, match="train.lr: expected a"):
+        from_dict(TrainConfig, {"lr": value}, "train")
+
+
+def test_yaml_syntax_error_names_file(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("train:\n  lr: [1e-4\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="broken.yaml is not valid YAML"):
+        load_stage_config(GlobalConfig, "global", str(path), ())

@@ -252,3 +252,14 @@ def test_overlap_above_tile_fails_before_any_image(tmp_path, checkpoints):
     with pytest.raises(ValueError, match="overlap"):
         run(tmp_path, checkpoints, canvas__overlap=32)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("key", ["patch__steps", "layout__steps"])
+def test_single_sampling_step_rejected(key):
+    with pytest.raises(ConfigError, match="use 2 or more"):
+        config_for(**{key: 1})
+
+
+def test_nan_max_megapixels_rejected():
+    with pytest.raises(ConfigError, match="max_megapixels"):
+        config_for(max_megapixels=float("nan"))
