@@ -16,6 +16,7 @@ not depend on the tile batch, the order of images, or how images are sharded ove
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
@@ -210,11 +211,24 @@ def file_bytes(path: Path) -> int:
     return path.stat().st_size
 
 
-def is_complete(paths: dict[str, Path]) -> bool:
-    """Return whether an image was fully written.
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file, or of every file under a folder with its relative path, in order."""
+    digest = hashlib.sha256()
+    files = sorted(item for item in path.rglob("*") if item.is_file()) if path.is_dir() else [path]
+    for item in files:
+        if path.is_dir():
+            digest.update(item.relative_to(path).as_posix().encode("utf-8") + b"\0")
+        with open(item, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
 
-    The sidecar is written last and records the byte size of every file, so a file that is
-    missing or changed in size (a truncated copy, say) makes the image incomplete, and a
+
+def is_complete(paths: dict[str, Path]) -> bool:
+    """Return whether an image was fully written and its files are unchanged since.
+
+    The sidecar is written last and records the byte size and SHA-256 of every file, so a
+    file that is missing, truncated or otherwise changed makes the image incomplete, and a
     rerun writes it again.
     """
     sidecar = paths["sidecar"]
@@ -224,28 +238,63 @@ def is_complete(paths: dict[str, Path]) -> bool:
         record = json.loads(sidecar.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    if not isinstance(record, dict) or not isinstance(record.get("file_bytes"), dict):
+    if not isinstance(record, dict):
         return False
-    expected = record["file_bytes"]
+    sizes, digests = record.get("file_bytes"), record.get("file_sha256")
+    if not isinstance(sizes, dict) or not isinstance(digests, dict):
+        return False
     for kind, path in paths.items():
         if kind == "sidecar":
             continue
-        if not path.exists() or expected.get(kind) != file_bytes(path):
+        if not path.exists() or sizes.get(kind) != file_bytes(path):
+            return False
+        if digests.get(kind) != file_sha256(path):
             return False
     return True
 
 
-def check_same_plan(sidecar: Path, plan: ImagePlan, seed: int) -> None:
-    """Raise ValueError when a finished image was made with another seed, label or size."""
+# Settings that change the pixels of an image. The others (tile batch, device, shards, output
+# formats, where canvases live) change only how an image is computed or stored.
+PIXEL_SETTINGS = ("layout", "patch", "canvas.tile_size", "canvas.overlap", "canvas.grid_shift",
+                  "canvas.window_floor")
+
+
+def pixel_settings(config: dict[str, Any]) -> dict[str, Any]:
+    """Return the pixel-changing settings of a resolved config as {dotted key: value}."""
+    settings = {}
+    for key in PIXEL_SETTINGS:
+        section, _, name = key.partition(".")
+        value = config.get(section, {})
+        if not name and isinstance(value, dict):
+            settings.update({f"{section}.{inner}": item for inner, item in value.items()})
+        elif isinstance(value, dict):
+            settings[key] = value.get(name)
+    return settings
+
+
+def check_same_plan(sidecar: Path, plan: ImagePlan, config: SynthConfig,
+                    checkpoints: dict[str, str]) -> None:
+    """Raise ValueError when a finished image was made with other settings or models.
+
+    Compared: seed, label, size, the settings that change pixels and the SHA-256 of both
+    checkpoints (``checkpoints`` maps "global" and "patch" to them).
+    """
     record = json.loads(sidecar.read_text(encoding="utf-8"))
-    wanted = {"seed": seed, "label": plan.label, "height": plan.native_size[0],
-              "width": plan.native_size[1]}
-    differing = {key: (record.get(key), value) for key, value in wanted.items()
-                 if record.get(key) != value}
+    expected = {"seed": config.seed, "label": plan.label, "height": plan.native_size[0],
+                "width": plan.native_size[1]}
+    found = {key: record.get(key) for key in expected}
+    expected.update(pixel_settings(to_dict(config)))
+    found.update(pixel_settings(record.get("config") or {}))
+    for model, digest in checkpoints.items():
+        expected[f"{model} checkpoint"] = digest[:12]
+        found[f"{model} checkpoint"] = ((record.get("checkpoints") or {}).get(model) or {}).get(
+            "sha256", "")[:12]
+    differing = {key: (found.get(key), value) for key, value in expected.items()
+                 if found.get(key) != value}
     if differing:
         details = ", ".join(f"{key} {old} -> {new}" for key, (old, new) in differing.items())
         raise ValueError(f"{sidecar} was written with other settings ({details}); rerun with "
-                         f"the same settings to resume, or choose a new --out folder")
+                         f"the same settings and models to resume, or choose a new --out folder")
 
 
 def write_image_files(paths: dict[str, Path], pixels: np.ndarray, plan: ImagePlan,
@@ -299,7 +348,9 @@ class Synthesizer:
         """Synthesize and write one image; returns "written", or "skipped" when already complete."""
         paths = output_paths(self.out_dir, plan.name, self.config.output.formats)
         if is_complete(paths):
-            check_same_plan(paths["sidecar"], plan, self.config.seed)
+            checkpoints = {"global": self.checkpoint(self.global_checkpoint(plan.label))["sha256"],
+                           "patch": self.checkpoint(self.patch_sampler.checkpoint_path)["sha256"]}
+            check_same_plan(paths["sidecar"], plan, self.config, checkpoints)
             return "skipped"
 
         started = time.perf_counter()
@@ -326,6 +377,8 @@ class Synthesizer:
             "files": {kind: path.name for kind, path in paths.items() if kind != "sidecar"},
             "file_bytes": {kind: file_bytes(path) for kind, path in paths.items()
                            if kind != "sidecar"},
+            "file_sha256": {kind: file_sha256(path) for kind, path in paths.items()
+                            if kind != "sidecar"},
             "seconds": round(time.perf_counter() - started, 3),
         }
         write_sidecar(paths["sidecar"], record)
@@ -382,6 +435,10 @@ def synthesize_with(global_sampler, patch_sampler, out_dir: Path, config: SynthC
             plan = plan_image(index, config, global_sampler)
             name = plan.name
             outcome = synthesizer.run_image(plan)
+        except (ValueError, FileNotFoundError) as error:  # messages that name the fix
+            logger.error("%s failed: %s", name, error)
+            summary.failed.append((name, f"{type(error).__name__}: {error}"))
+            continue
         except Exception as error:  # one image's failure must not stop the others
             logger.exception("%s failed", name)
             summary.failed.append((name, f"{type(error).__name__}: {error}"))

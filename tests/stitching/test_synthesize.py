@@ -13,7 +13,8 @@ from stitching.synthesize import patch_levels, synthesize_with
 from tests.stitching.tiny_models import CPU, StubGlobalSampler, StubPatchSampler
 
 SIDECAR_KEYS = {"name", "label", "seed", "image_index", "height", "width", "spacing_mm", "levels",
-                "tile_grid", "checkpoints", "config", "software_version", "file_bytes"}
+                "tile_grid", "checkpoints", "config", "software_version", "file_bytes",
+                "file_sha256"}
 
 
 @pytest.fixture
@@ -114,6 +115,28 @@ def test_rerun_with_other_seed_fails(tmp_path, checkpoints):
     assert "seed 5 -> 6" in summary.failed[0][1]
 
 
+def test_rerun_with_other_strength_fails(tmp_path, checkpoints):
+    run(tmp_path, checkpoints, n=1)
+    summary, _ = run(tmp_path, checkpoints, n=1, patch__strength=0.5)
+    assert summary.written == []
+    assert "patch.strength 1.0 -> 0.5" in summary.failed[0][1]
+
+
+def test_rerun_with_other_checkpoint_fails(tmp_path, checkpoints):
+    run(tmp_path, checkpoints, n=1)
+    checkpoints[1].write_bytes(b"retrained patch")
+    summary, _ = run(tmp_path, checkpoints, n=1)
+    assert summary.written == []
+    assert "patch checkpoint" in summary.failed[0][1]
+
+
+def test_rerun_with_other_tile_batch_skips(tmp_path, checkpoints):
+    run(tmp_path, checkpoints, n=1)
+    summary, _ = run(tmp_path, checkpoints, n=1, canvas__tile_batch=7)
+    assert summary.failed == []
+    assert summary.skipped == ["fractured_00000"]
+
+
 def test_rerun_redoes_image_without_sidecar(tmp_path, checkpoints):
     _, out_dir = run(tmp_path, checkpoints)
     original = read_png(out_dir / "non_fractured_00001.png")
@@ -132,6 +155,16 @@ def test_rerun_redoes_image_with_truncated_png(tmp_path, checkpoints):
     assert summary.written == ["non_fractured_00001"]
     assert summary.skipped == ["fractured_00000", "fractured_00002"]
     assert np.array_equal(read_png(png), original)
+
+
+def test_rerun_redoes_image_changed_in_place(tmp_path, checkpoints):
+    _, out_dir = run(tmp_path, checkpoints, n=1)
+    preview = out_dir / "fractured_00000.preview.png"
+    preview.write_bytes(bytes(preview.stat().st_size))
+    summary, _ = run(tmp_path, checkpoints, n=1)
+    assert summary.written == ["fractured_00000"]
+    with Image.open(preview) as image:
+        assert image.size[0] > 0
 
 
 def test_rerun_redoes_image_with_missing_zarr_chunk(tmp_path, checkpoints):
