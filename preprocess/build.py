@@ -33,7 +33,8 @@ from typing import Any
 
 from preprocess import privacy, pyramid
 from preprocess.catalog import (CATALOG_NAME, FAILED_NAME, UNLABELED, CatalogRow, Failure,
-                                atomic_write_text, row_from_record, write_catalog, write_failures)
+                                atomic_write_text, read_catalog, row_from_record, write_catalog,
+                                write_failures)
 from preprocess.discover import SourceFile, discover_sources
 from preprocess.errors import StoreError
 from preprocess.ingest import FileResult, FileTask, IngestConfig, ingest_file
@@ -126,6 +127,8 @@ class BuildSummary:
         label_counts: catalog images per label.
         megapixels: level-0 megapixels written by this build.
         seconds: wall time.
+        moved_split: (image id, split before, split now) of images already in the store
+            whose split this build changed.
     """
 
     store: Path
@@ -139,6 +142,7 @@ class BuildSummary:
     label_counts: dict[str, int] = field(default_factory=dict)
     megapixels: float = 0.0
     seconds: float = 0.0
+    moved_split: list[tuple[str, str, str]] = field(default_factory=list)
 
     @property
     def images(self) -> int:
@@ -164,6 +168,12 @@ class BuildSummary:
             lines.append(f"failed files (keys are sha256 prefixes of the file content; see "
                          f"{self.store / FAILED_NAME}):")
             lines.extend(f"  {item.file} ({item.kind}): {item.reason}" for item in self.failed)
+        if self.moved_split:
+            image_id, before, after = self.moved_split[0]
+            lines.append(f"WARNING: {len(self.moved_split)} images changed split (e.g. {image_id}: "
+                         f"{before} -> {after}) because --split, --split-seed or the set of "
+                         f"patients changed; models trained before this build may have seen "
+                         f"images that are now in val or test, so retrain them")
         if self.images == 0:
             lines.append("the store contains no image: every input file failed or was ignored; fix "
                          "the failures above or point SOURCES at radiographs")
@@ -237,6 +247,9 @@ def build_store(sources: list[Path], out: Path, labels_csv: Path | None = None,
     summary.seconds = time.perf_counter() - started
     log.info("built %d, skipped %d, failed %d in %.1f s", summary.built, summary.skipped,
              len(summary.failed), summary.seconds)
+    if summary.moved_split:
+        log.warning("%d images already in %s changed split; retrain models trained before "
+                    "this build", len(summary.moved_split), out)
     return summary
 
 
@@ -496,6 +509,11 @@ class _BuildRun:
         self.results: dict[int, FileResult] = {}
         self.owners: dict[str, int] = {}
         self.last_catalog = time.monotonic()
+        # Splits before this build, to report images that a new --split, --split-seed or
+        # set of patients moves to another split.
+        catalog = store / CATALOG_NAME
+        self.previous_splits = {row.image_id: row.split for row in read_catalog(catalog)} \
+            if catalog.is_file() else {}
 
     def add(self, result: FileResult) -> None:
         """Record one file's result, log its failures and write the catalog now and then."""
@@ -568,7 +586,10 @@ class _BuildRun:
             split_counts={name: count for name, count in sorted(Counter(row.split for row in
                                                                         rows).items())},
             label_counts=dict(Counter(row.label for row in rows)),
-            megapixels=sum(result.megapixels for result in results))
+            megapixels=sum(result.megapixels for result in results),
+            moved_split=[(row.image_id, self.previous_splits[row.image_id], row.split)
+                         for row in rows if self.previous_splits.get(row.image_id, row.split)
+                         != row.split])
 
 
 def _manifest_text(files: list[SourceFile], results: dict[int, FileResult]) -> str:

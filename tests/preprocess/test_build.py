@@ -185,6 +185,20 @@ def test_pixel_option_change_rejected(inputs, tmp_path):
         build(inputs, tmp_path / "s.zarr", voi="none")
 
 
+def test_split_change_reported(inputs, tmp_path):
+    first = build(inputs, tmp_path / "s.zarr", split="1,0,0")
+    assert first.moved_split == []
+    second = build(inputs, tmp_path / "s.zarr", split="0,0,1")
+    assert len(second.moved_split) == second.images
+    assert second.moved_split[0][1:] == ("train", "test")
+    assert "changed split" in str(second)
+
+
+def test_same_split_reports_no_move(inputs, tmp_path):
+    build(inputs, tmp_path / "s.zarr")
+    assert build(inputs, tmp_path / "s.zarr").moved_split == []
+
+
 def test_salt_needed_for_dicom(inputs, tmp_path, monkeypatch):
     monkeypatch.delenv(privacy.SALT_ENV_VAR, raising=False)
     with pytest.raises(ValueError, match="--salt"):
