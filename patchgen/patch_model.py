@@ -186,6 +186,7 @@ class PatchSampler:
         self.labels: list[str] = info["labels"]
         self.patch_size = self.config.data.patch_size
         self.level_gap = self.config.data.level_gap
+        self.network_channels = tuple(self.config.network.channels)
         self.checkpoint_path = model_dir
         if self.kind == "diffusion":
             self.network = PatchUNet.from_pretrained(model_dir / "unet").to(self.device).eval()

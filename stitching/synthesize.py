@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from patchgen.conditioning import level_shape
+from patchgen.networks import check_divisible
 from patchgen.config import to_dict
 from preprocess.normalise import to_store_uint16
 from stitching.canvas import LevelJob, Tiling, base_grid, sample_level_diffusion, sample_level_gan
@@ -78,7 +79,11 @@ def resolve_device(name: str) -> torch.device:
     """Return the torch device for ``auto``, ``cpu``, ``cuda`` or ``cuda:N``."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"device {name!r} is not a torch device; use auto, cpu, cuda or "
+                         f"cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} requested but CUDA is not available; use --device cpu")
     return device
@@ -99,10 +104,29 @@ def plan_image(index: int, config: SynthConfig, global_sampler) -> ImagePlan:
     return ImagePlan(index, label, native_size)
 
 
+# Largest tile as a multiple of the training patch size. The model never saw such contexts,
+# and the canvas is padded to whole tiles, so very large tiles only cost memory and time.
+MAX_TILE_FACTOR = 8
+
+
 def tiling_for(config: SynthConfig, patch_sampler) -> Tiling:
-    """Return the tiling of the canvas for a patch model (tile size defaults to its patch size)."""
+    """Return the tiling of the canvas for a patch model (tile size defaults to its patch size).
+
+    Raises:
+        ValueError: for a tile size the UNet cannot take or one over ``MAX_TILE_FACTOR``
+            patch sizes.
+    """
     canvas = config.canvas
-    return Tiling(tile_size=canvas.tile_size or patch_sampler.patch_size, overlap=canvas.overlap,
+    tile_size = canvas.tile_size or patch_sampler.patch_size
+    channels = getattr(patch_sampler, "network_channels", None)
+    if channels:
+        check_divisible(tile_size, channels, "canvas.tile_size")
+    largest = MAX_TILE_FACTOR * patch_sampler.patch_size
+    if tile_size > largest:
+        raise ValueError(f"canvas.tile_size={tile_size} is above {largest} pixels "
+                         f"({MAX_TILE_FACTOR} x the patch model's {patch_sampler.patch_size}-pixel "
+                         f"patches); use a smaller tile")
+    return Tiling(tile_size=tile_size, overlap=canvas.overlap,
                   tile_batch=canvas.tile_batch, grid_shift=canvas.grid_shift,
                   window_floor=canvas.window_floor, align=2 ** patch_sampler.level_gap)
 

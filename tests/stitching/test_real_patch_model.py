@@ -57,3 +57,13 @@ def test_real_patch_unet_tile_batch_invariant(tmp_path, patch_run):
         difference = np.asarray(a).astype(int) - np.asarray(b).astype(int)
     # Convolutions may round differently for different batch sizes, so allow one 16-bit step.
     assert np.abs(difference).max() <= 1
+
+
+def test_tile_size_not_divisible_rejected(tmp_path, patch_run):
+    config = from_dict(SynthConfig, {"n": 1, "size": "48x40",
+                                     "canvas": {"tile_size": 15, "overlap": 4}})
+    global_path = tmp_path / "global.safetensors"
+    global_path.write_bytes(b"global")
+    with pytest.raises(ValueError, match="canvas.tile_size=15 must be divisible by 2"):
+        synthesize_with(StubGlobalSampler(global_path), load_patch(patch_run, CPU),
+                        tmp_path / "out", config, CPU, progress=False)

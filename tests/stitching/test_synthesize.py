@@ -296,3 +296,15 @@ def test_single_sampling_step_rejected(key):
 def test_nan_max_megapixels_rejected():
     with pytest.raises(ConfigError, match="max_megapixels"):
         config_for(max_megapixels=float("nan"))
+
+
+def test_tile_size_above_limit_rejected(tmp_path, checkpoints):
+    with pytest.raises(ValueError, match="canvas.tile_size=512 is above 256"):
+        run(tmp_path, checkpoints, n=1, canvas__tile_size=512)
+
+
+def test_unknown_device_rejected():
+    from stitching.synthesize import resolve_device
+
+    with pytest.raises(ValueError, match="device 'foo' is not a torch device"):
+        resolve_device("foo")
