@@ -93,8 +93,16 @@ class LabelTable:
 UNSAFE_LABEL = re.compile(r'[/\\:*?"<>|\x00-\x1f]')
 
 
+# Output files are named <label>_<index>.preview.png and most file systems allow 255 bytes.
+MAX_LABEL_BYTES = 200
+
+
 def _check_label_name(csv_path: Path, line: int, label: str) -> None:
     """Raise ValueError when a label cannot be part of a file name."""
+    if len(label.encode("utf-8")) > MAX_LABEL_BYTES:
+        raise ValueError(f"{csv_path} line {line}: label {label[:40]!r}... is "
+                         f"{len(label.encode('utf-8'))} bytes long; labels name model folders and "
+                         f"output files, so shorten it to at most {MAX_LABEL_BYTES} bytes")
     if UNSAFE_LABEL.search(label) or label in {".", ".."}:
         raise ValueError(f"{csv_path} line {line}: label {label!r} cannot be part of a file "
                          f"name (it names model folders and output files); rename it without "

@@ -75,3 +75,9 @@ def test_label_unfit_for_file_name_rejected(tmp_path, label):
 def test_label_with_space_and_dash_accepted(tmp_path):
     path = write_table(tmp_path / "labels.csv", "file,label\na.jpg,non fractured\nb.jpg,AFF-1\n")
     assert LabelTable(path).lookup(tmp_path / "a.jpg").label == "non fractured"
+
+
+def test_overlong_label_rejected(tmp_path):
+    path = write_table(tmp_path / "labels.csv", f"file,label\na.jpg,{'x' * 201}\n")
+    with pytest.raises(ValueError, match="line 2: label .* 201 bytes long"):
+        LabelTable(path)
