@@ -452,6 +452,9 @@ def synthesize_with(global_sampler, patch_sampler, out_dir: Path, config: SynthC
     synthesizer = Synthesizer(global_sampler, patch_sampler, out_dir, config, device)
     summary = SynthesisSummary(out_dir)
     indices = range(config.shard_index, config.n, config.shard_count)
+    if not indices:
+        logger.warning("shard %d/%d has no image: n=%d images are indices 0 to %d", config.shard_index,
+                       config.shard_count, config.n, config.n - 1)
 
     for index in tqdm(indices, desc="synthesize", unit="image", disable=not progress):
         name = f"image {index}"

@@ -308,3 +308,9 @@ def test_unknown_device_rejected():
 
     with pytest.raises(ValueError, match="device 'foo' is not a torch device"):
         resolve_device("foo")
+
+
+def test_empty_shard_warns(tmp_path, checkpoints, caplog):
+    summary, _ = run(tmp_path, checkpoints, n=3, shard_index=5, shard_count=10)
+    assert summary.written == []
+    assert "shard 5/10 has no image" in caplog.text
