@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import multiprocessing
 import time
@@ -47,6 +48,8 @@ from preprocess.writer import (ChunkLayout, build_lock, layout_options, prepare_
 
 # Max number of unmatched label-table rows that the build summary lists by file value.
 UNMATCHED_SHOWN = 5
+# Patient splits of the last complete build; pseudonymous ids only, as in catalog.csv.
+SPLITS_NAME = "patient_splits.json"
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +96,12 @@ class BuildOptions:
     split_seed: int = 0
     salt: str | None = field(default=None, repr=False)
     manifest: Path | None = None
+
+    def split_options(self) -> dict[str, Any]:
+        """Return the split fractions and seed as a JSON-ready mapping."""
+        fractions = self.fractions()
+        return {"train": fractions.train, "val": fractions.val, "test": fractions.test,
+                "seed": self.split_seed}
 
     def fractions(self) -> SplitFractions:
         """Return the split fractions, parsing text if needed."""
@@ -171,9 +180,10 @@ class BuildSummary:
         if self.moved_split:
             image_id, before, after = self.moved_split[0]
             lines.append(f"WARNING: {len(self.moved_split)} images changed split (e.g. {image_id}: "
-                         f"{before} -> {after}) because --split, --split-seed or the set of "
-                         f"patients changed; models trained before this build may have seen "
-                         f"images that are now in val or test, so retrain them")
+                         f"{before} -> {after}) because every patient was assigned again (another "
+                         f"--split or --split-seed, or no complete earlier build); models "
+                         f"trained before this build may have seen images that are now in val "
+                         f"or test, so retrain them")
         if self.images == 0:
             lines.append("the store contains no image: every input file failed or was ignored; fix "
                          "the failures above or point SOURCES at radiographs")
@@ -236,10 +246,12 @@ def build_store(sources: list[Path], out: Path, labels_csv: Path | None = None,
         log.info("%d input files (%d ignored), %d images already in %s", len(files), ignored,
                  len(records), out)
         run = _BuildRun(out, records, settings, len(tasks), progress)
+        complete = False
         try:
             _run_tasks(tasks, config, workers, run.add)
+            complete = True
         finally:
-            run.finish(files, settings.manifest)
+            run.finish(files, settings.manifest, complete)
 
     summary = run.summary(ignored, table.unmatched_count() if table else 0)
     if table is not None:
@@ -509,11 +521,11 @@ class _BuildRun:
         self.results: dict[int, FileResult] = {}
         self.owners: dict[str, int] = {}
         self.last_catalog = time.monotonic()
-        # Splits before this build, to report images that a new --split, --split-seed or
-        # set of patients moves to another split.
+        # Splits before this build, to report images that change split.
         catalog = store / CATALOG_NAME
         self.previous_splits = {row.image_id: row.split for row in read_catalog(catalog)} \
             if catalog.is_file() else {}
+        self.kept_patient_splits = read_kept_splits(store, settings.split_options())
 
     def add(self, result: FileResult) -> None:
         """Record one file's result, log its failures and write the catalog now and then."""
@@ -551,7 +563,11 @@ class _BuildRun:
         for record in self.records.values():
             patient_labels.setdefault(record["patient_id"], []).append(
                 record.get("label") or UNLABELED)
-        splits = assign_splits(patient_labels, self.settings.fractions(), self.settings.split_seed)
+        new_patients = {patient: labels for patient, labels in patient_labels.items()
+                        if patient not in self.kept_patient_splits}
+        splits = assign_splits(new_patients, self.settings.fractions(), self.settings.split_seed)
+        splits.update({patient: split for patient, split in self.kept_patient_splits.items()
+                       if patient in patient_labels})
         return [row_from_record(self.records[image_id], splits[self.records[image_id]
                                                                 ["patient_id"]])
                 for image_id in sorted(self.records)]
@@ -566,9 +582,11 @@ class _BuildRun:
         items = [failure for result in self.results.values() for failure in result.failures]
         return sorted(items, key=lambda item: (item.file, item.reason))
 
-    def finish(self, files: list[SourceFile], manifest: Path | None) -> None:
-        """Write catalog.csv, failed.csv and the manifest."""
+    def finish(self, files: list[SourceFile], manifest: Path | None, complete: bool) -> None:
+        """Write catalog.csv, failed.csv, the manifest and, when ``complete``, the splits."""
         self.write_catalog()
+        if complete:
+            write_kept_splits(self.store, self.settings.split_options(), self.catalog_rows())
         write_failures(self.store / FAILED_NAME, self.failures())
         with contextlib.suppress(OSError):
             (self.store / PARTIAL_FOLDER).rmdir()  # only when empty: no worker is writing
@@ -590,6 +608,35 @@ class _BuildRun:
             moved_split=[(row.image_id, self.previous_splits[row.image_id], row.split)
                          for row in rows if self.previous_splits.get(row.image_id, row.split)
                          != row.split])
+
+
+def read_kept_splits(store: Path, split_options: dict[str, Any]) -> dict[str, str]:
+    """Return {patient id: split} of the last complete build when it used ``split_options``.
+
+    Patients in it keep their split, so adding images never moves a training patient into
+    val or test. Another --split or --split-seed (or no record) returns an empty mapping,
+    and every patient is assigned again.
+    """
+    path = store / SPLITS_NAME
+    if not path.is_file():
+        return {}
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        log.warning("%s cannot be read; assigning every patient's split again", path)
+        return {}
+    if not isinstance(record, dict) or record.get("options") != split_options:
+        return {}
+    patients = record.get("patients")
+    return dict(patients) if isinstance(patients, dict) else {}
+
+
+def write_kept_splits(store: Path, split_options: dict[str, Any],
+                      rows: list[CatalogRow]) -> None:
+    """Write the split options and {patient id: split} of a complete build atomically."""
+    record = {"options": split_options,
+              "patients": {row.patient_id: row.split for row in rows}}
+    atomic_write_text(store / SPLITS_NAME, json.dumps(record, indent=1, sort_keys=True) + "\n")
 
 
 def _manifest_text(files: list[SourceFile], results: dict[int, FileResult]) -> str:

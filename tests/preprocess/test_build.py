@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from preprocess import privacy
 from preprocess.build import _run_tasks, build_store
@@ -20,6 +21,7 @@ from preprocess.catalog import CORE_COLUMNS, read_catalog, read_failures
 from preprocess.errors import StoreError
 from preprocess.ingest import FileResult, FileTask, IngestConfig
 from preprocess.readers import ReadOptions
+from preprocess.splits import SplitFractions, assign_splits
 from preprocess.writer import ChunkLayout
 from tests.preprocess.conftest import SMALL_LAYOUT
 from tests.preprocess.factory import SALT, ramp, write_dicom
@@ -192,6 +194,34 @@ def test_split_change_reported(inputs, tmp_path):
     assert len(second.moved_split) == second.images
     assert second.moved_split[0][1:] == ("train", "test")
     assert "changed split" in str(second)
+
+
+def write_pngs(folder, count, start=0):
+    folder.mkdir(exist_ok=True)
+    for index in range(start, start + count):
+        pixels = np.random.default_rng(index).integers(0, 256, (20, 30)).astype(np.uint8)
+        Image.fromarray(pixels).save(folder / f"{index:02d}.png")
+
+
+def test_added_patients_keep_existing_splits(tmp_path):
+    folder, store = tmp_path / "images", tmp_path / "s.zarr"
+    write_pngs(folder, 6)
+    first = build_store([folder], store, workers=0, split="0.6,0.2,0.2", **SMALL_LAYOUT)
+    before = {row.image_id: row.split for row in read_catalog(store / "catalog.csv")}
+    write_pngs(folder, 6, start=6)
+    second = build_store([folder], store, workers=0, split="0.6,0.2,0.2", **SMALL_LAYOUT)
+    after = {row.image_id: row.split for row in read_catalog(store / "catalog.csv")}
+    rows = read_catalog(store / "catalog.csv")
+    fresh = assign_splits({row.patient_id: [row.label] for row in rows},
+                          SplitFractions.parse("0.6,0.2,0.2"), 0)
+    # Assigning all 12 patients afresh would move some of the first 6.
+    assert any(fresh[row.patient_id] != before[row.image_id] for row in rows
+               if row.image_id in before)
+    assert first.images == 6
+    assert second.images == 12
+    assert {image_id: after[image_id] for image_id in before} == before
+    assert second.moved_split == []
+    assert set(after.values()) == {"train", "val", "test"}
 
 
 def test_same_split_reports_no_move(inputs, tmp_path):
