@@ -7,6 +7,7 @@ Each command validates its options, builds one config object, prints it with
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import sys
@@ -54,7 +55,23 @@ def _echo_config(config) -> None:
     click.echo(yaml.safe_dump(to_dict(config), sort_keys=False).rstrip())
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+class _Commands(click.Group):
+    """The command group; a full disk ends any command with a message instead of a traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except OSError as error:
+            if error.errno != errno.ENOSPC:
+                raise
+            where = f" writing {error.filename}" if error.filename else ""
+            raise click.ClickException(f"no space left on the device{where}; free space or "
+                                       f"write to another --out, then rerun the same command "
+                                       f"to resume") from error
+
+
+@click.group(cls=_Commands,
+             context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.option("-v", "--verbose", is_flag=True, help="Log debug messages.")
 def main(verbose: bool) -> None:
     """Synthetic native-resolution radiographs from OME-Zarr pyramids."""

@@ -89,3 +89,19 @@ def test_all_files_failing_exits_1(tmp_path):
     assert result.exit_code == 1
     assert "contains no image" in result.output
     assert "failed 2" in result.output
+
+
+def test_full_disk_is_a_message(inputs, tmp_path, monkeypatch):
+    import errno
+
+    import preprocess.build
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "s.zarr"))
+
+    monkeypatch.setattr(preprocess.build, "build_store", full_disk)
+    result = CliRunner().invoke(main, ["pyramid", "build", str(inputs["dicom"]), "--out",
+                                       str(tmp_path / "s.zarr"), "--salt", SALT])
+    assert result.exit_code == 1
+    assert "no space left on the device writing" in result.output
+    assert "Traceback" not in result.output
