@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from patchgen.conditioning import level_shape
 from patchgen.networks import check_divisible
@@ -322,16 +323,53 @@ def check_same_plan(sidecar: Path, plan: ImagePlan, config: SynthConfig,
 
 
 def write_image_files(paths: dict[str, Path], pixels: np.ndarray, plan: ImagePlan,
-                      spacing_mm: float | None, config: SynthConfig) -> None:
-    """Write PNG, preview, DICOM and OME-Zarr files of one image (not the sidecar)."""
-    if "png" in paths:
+                      spacing_mm: float | None, config: SynthConfig,
+                      kinds: set[str] | None = None) -> None:
+    """Write the PNG, preview, DICOM and OME-Zarr files of one image (not the sidecar).
+
+    ``kinds`` limits the files written, e.g. {"preview", "dicom"}; None writes all of them.
+    """
+    def selected(kind: str) -> bool:
+        return kind in paths and (kinds is None or kind in kinds)
+
+    if selected("png"):
         write_png16(paths["png"], pixels)
+    if selected("preview"):
         write_preview(paths["preview"], pixels, config.output.preview_max_side)
-    if "dicom" in paths:
+    if selected("dicom"):
         info = DicomInfo(plan.name, plan.label, plan.index, spacing_mm, software_version())
         write_dicom(paths["dicom"], pixels, info)
-    if "zarr" in paths:
+    if selected("zarr"):
         write_ome_zarr(paths["zarr"], pixels, plan.name, spacing_mm)
+
+
+def file_records(paths: dict[str, Path]) -> dict[str, dict[str, Any]]:
+    """Return the sidecar's "files", "file_bytes" and "file_sha256" entries for ``paths``."""
+    kinds = [kind for kind in paths if kind != "sidecar"]
+    return {"files": {kind: paths[kind].name for kind in kinds},
+            "file_bytes": {kind: file_bytes(paths[kind]) for kind in kinds},
+            "file_sha256": {kind: file_sha256(paths[kind]) for kind in kinds}}
+
+
+def stale_files(paths: dict[str, Path], record: dict[str, Any]) -> set[str]:
+    """Return the kinds of file that are missing or differ from the sidecar's digests."""
+    digests = record.get("file_sha256") if isinstance(record.get("file_sha256"), dict) else {}
+    return {kind for kind, path in paths.items() if kind != "sidecar"
+            and (not path.exists() or digests.get(kind) != file_sha256(path))}
+
+
+def read_saved_png(paths: dict[str, Path]) -> tuple[dict[str, Any], np.ndarray] | None:
+    """Return (sidecar record, PNG pixels) when the PNG still matches its sidecar, else None."""
+    if "png" not in paths or not paths["sidecar"].is_file():
+        return None
+    try:
+        record = json.loads(paths["sidecar"].read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or "png" in stale_files({"png": paths["png"]}, record):
+        return None
+    with Image.open(paths["png"]) as image:
+        return record, np.asarray(image).astype(np.uint16)
 
 
 class Synthesizer:
@@ -368,14 +406,20 @@ class Synthesizer:
         matching = [p for p in paths if p.parent.name == label]
         return matching[0] if matching else paths[0]
 
+    def checkpoint_digests(self, plan: ImagePlan) -> dict[str, str]:
+        """Return the SHA-256 of the global and patch checkpoints that make ``plan``."""
+        return {"global": self.checkpoint(self.global_checkpoint(plan.label))["sha256"],
+                "patch": self.checkpoint(self.patch_sampler.checkpoint_path)["sha256"]}
+
     def run_image(self, plan: ImagePlan) -> str:
         """Synthesize and write one image; returns "written", or "skipped" when already complete."""
         paths = output_paths(self.out_dir, plan.name, self.config.output.formats)
         if is_complete(paths):
-            checkpoints = {"global": self.checkpoint(self.global_checkpoint(plan.label))["sha256"],
-                           "patch": self.checkpoint(self.patch_sampler.checkpoint_path)["sha256"]}
-            check_same_plan(paths["sidecar"], plan, self.config, checkpoints)
+            check_same_plan(paths["sidecar"], plan, self.config, self.checkpoint_digests(plan))
             return "skipped"
+
+        if self.complete_from_png(paths, plan):
+            return "written"
 
         started = time.perf_counter()
         work_dir = self.work_root / plan.name
@@ -398,15 +442,30 @@ class Synthesizer:
             "checkpoints": {"global": self.checkpoint(self.global_checkpoint(plan.label)),
                             "patch": self.checkpoint(self.patch_sampler.checkpoint_path)},
             "config": to_dict(self.config), "software_version": software_version(),
-            "files": {kind: path.name for kind, path in paths.items() if kind != "sidecar"},
-            "file_bytes": {kind: file_bytes(path) for kind, path in paths.items()
-                           if kind != "sidecar"},
-            "file_sha256": {kind: file_sha256(path) for kind, path in paths.items()
-                            if kind != "sidecar"},
+            **file_records(paths),
             "seconds": round(time.perf_counter() - started, 3),
         }
         write_sidecar(paths["sidecar"], record)
         return "written"
+
+    def complete_from_png(self, paths: dict[str, Path], plan: ImagePlan) -> bool:
+        """Rewrite missing or changed preview, DICOM and OME-Zarr files from a saved PNG.
+
+        Returns False (nothing written) unless the sidecar and PNG of an earlier run with the
+        same settings and models are intact, so the image need not be sampled again.
+        """
+        saved = read_saved_png(paths)
+        if saved is None:
+            return False
+        record, pixels = saved
+        check_same_plan(paths["sidecar"], plan, self.config, self.checkpoint_digests(plan))
+        stale = stale_files(paths, record)
+        write_image_files(paths, pixels, plan, record.get("spacing_mm"), self.config, stale)
+        record.setdefault("config", {})["output"] = to_dict(self.config)["output"]
+        record.update(file_records(paths))
+        write_sidecar(paths["sidecar"], record)
+        logger.info("%s: rewrote %s from the saved PNG", plan.name, ", ".join(sorted(stale)))
+        return True
 
 
 def check_labels(global_sampler, patch_sampler, label: str | None) -> None:

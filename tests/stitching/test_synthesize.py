@@ -314,3 +314,29 @@ def test_empty_shard_warns(tmp_path, checkpoints, caplog):
     summary, _ = run(tmp_path, checkpoints, n=3, shard_index=5, shard_count=10)
     assert summary.written == []
     assert "shard 5/10 has no image" in caplog.text
+
+
+def test_added_format_written_from_saved_png(tmp_path, checkpoints):
+    _, out_dir = run(tmp_path, checkpoints, n=1)
+    png = out_dir / "fractured_00000.png"
+    png_time = png.stat().st_mtime_ns
+    summary, _ = run(tmp_path, checkpoints, n=1, output__formats=["png", "dicom"])
+    record = json.loads((out_dir / "fractured_00000.json").read_text())
+    assert summary.written == ["fractured_00000"]
+    assert png.stat().st_mtime_ns == png_time
+    assert np.array_equal(pydicom.dcmread(out_dir / "fractured_00000.dcm").pixel_array,
+                          read_png(png))
+    assert record["config"]["output"]["formats"] == ["png", "dicom"]
+    assert set(record["file_sha256"]) == {"png", "preview", "dicom"}
+
+
+def test_deleted_preview_written_from_saved_png(tmp_path, checkpoints):
+    _, out_dir = run(tmp_path, checkpoints, n=1)
+    png_time = (out_dir / "fractured_00000.png").stat().st_mtime_ns
+    (out_dir / "fractured_00000.preview.png").unlink()
+    summary, _ = run(tmp_path, checkpoints, n=1)
+    assert summary.written == ["fractured_00000"]
+    assert (out_dir / "fractured_00000.preview.png").is_file()
+    assert (out_dir / "fractured_00000.png").stat().st_mtime_ns == png_time
+    again, _ = run(tmp_path, checkpoints, n=1)
+    assert again.skipped == ["fractured_00000"]
