@@ -249,33 +249,29 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def is_complete(paths: dict[str, Path]) -> bool:
-    """Return whether an image was fully written and its files are unchanged since.
+def read_sidecar(path: Path) -> dict[str, Any] | None:
+    """Return the JSON record of a sidecar, or None when it is missing or unreadable."""
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def stale_files(paths: dict[str, Path], record: dict[str, Any]) -> set[str]:
+    """Return the kinds of file that are missing or differ from the sidecar's record.
 
     The sidecar is written last and records the byte size and SHA-256 of every file, so a
-    file that is missing, truncated or otherwise changed makes the image incomplete, and a
-    rerun writes it again.
+    file that is missing, truncated or otherwise changed since is stale. Sizes are compared
+    first, so a truncated file is not hashed.
     """
-    sidecar = paths["sidecar"]
-    if not sidecar.is_file():
-        return False
-    try:
-        record = json.loads(sidecar.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    if not isinstance(record, dict):
-        return False
-    sizes, digests = record.get("file_bytes"), record.get("file_sha256")
-    if not isinstance(sizes, dict) or not isinstance(digests, dict):
-        return False
-    for kind, path in paths.items():
-        if kind == "sidecar":
-            continue
-        if not path.exists() or sizes.get(kind) != file_bytes(path):
-            return False
-        if digests.get(kind) != file_sha256(path):
-            return False
-    return True
+    sizes = record.get("file_bytes") if isinstance(record.get("file_bytes"), dict) else {}
+    digests = record.get("file_sha256") if isinstance(record.get("file_sha256"), dict) else {}
+    return {kind for kind, path in paths.items() if kind != "sidecar"
+            and (not path.exists() or sizes.get(kind) != file_bytes(path)
+                 or digests.get(kind) != file_sha256(path))}
 
 
 # Settings that change the pixels of an image. The others (tile batch, device, shards, output
@@ -297,14 +293,14 @@ def pixel_settings(config: dict[str, Any]) -> dict[str, Any]:
     return settings
 
 
-def check_same_plan(sidecar: Path, plan: ImagePlan, config: SynthConfig,
+def check_same_plan(record: dict[str, Any], sidecar: Path, plan: ImagePlan, config: SynthConfig,
                     checkpoints: dict[str, str]) -> None:
-    """Raise ValueError when a finished image was made with other settings or models.
+    """Raise ValueError when the sidecar ``record`` shows other settings or models.
 
     Compared: seed, label, size, the settings that change pixels and the SHA-256 of both
-    checkpoints (``checkpoints`` maps "global" and "patch" to them).
+    checkpoints (``checkpoints`` maps "global" and "patch" to them). ``sidecar`` is the path
+    named in the message.
     """
-    record = json.loads(sidecar.read_text(encoding="utf-8"))
     expected = {"seed": config.seed, "label": plan.label, "height": plan.native_size[0],
                 "width": plan.native_size[1]}
     found = {key: record.get(key) for key in expected}
@@ -351,27 +347,6 @@ def file_records(paths: dict[str, Path]) -> dict[str, dict[str, Any]]:
             "file_sha256": {kind: file_sha256(paths[kind]) for kind in kinds}}
 
 
-def stale_files(paths: dict[str, Path], record: dict[str, Any]) -> set[str]:
-    """Return the kinds of file that are missing or differ from the sidecar's digests."""
-    digests = record.get("file_sha256") if isinstance(record.get("file_sha256"), dict) else {}
-    return {kind for kind, path in paths.items() if kind != "sidecar"
-            and (not path.exists() or digests.get(kind) != file_sha256(path))}
-
-
-def read_saved_png(paths: dict[str, Path]) -> tuple[dict[str, Any], np.ndarray] | None:
-    """Return (sidecar record, PNG pixels) when the PNG still matches its sidecar, else None."""
-    if "png" not in paths or not paths["sidecar"].is_file():
-        return None
-    try:
-        record = json.loads(paths["sidecar"].read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if not isinstance(record, dict) or "png" in stale_files({"png": paths["png"]}, record):
-        return None
-    with Image.open(paths["png"]) as image:
-        return record, np.asarray(image).astype(np.uint16)
-
-
 class Synthesizer:
     """Global and patch samplers plus everything shared by the images of one run.
 
@@ -414,12 +389,17 @@ class Synthesizer:
     def run_image(self, plan: ImagePlan) -> str:
         """Synthesize and write one image; returns "written", or "skipped" when already complete."""
         paths = output_paths(self.out_dir, plan.name, self.config.output.formats)
-        if is_complete(paths):
-            check_same_plan(paths["sidecar"], plan, self.config, self.checkpoint_digests(plan))
-            return "skipped"
-
-        if self.complete_from_png(paths, plan):
-            return "written"
+        record = read_sidecar(paths["sidecar"])
+        if record is not None:
+            stale = stale_files(paths, record)
+            # An intact PNG lets the other files be written again without sampling.
+            if not stale or ("png" in paths and "png" not in stale):
+                check_same_plan(record, paths["sidecar"], plan, self.config,
+                                self.checkpoint_digests(plan))
+                if not stale:
+                    return "skipped"
+                self.rewrite_from_png(paths, plan, record, stale)
+                return "written"
 
         started = time.perf_counter()
         work_dir = self.work_root / plan.name
@@ -448,24 +428,16 @@ class Synthesizer:
         write_sidecar(paths["sidecar"], record)
         return "written"
 
-    def complete_from_png(self, paths: dict[str, Path], plan: ImagePlan) -> bool:
-        """Rewrite missing or changed preview, DICOM and OME-Zarr files from a saved PNG.
-
-        Returns False (nothing written) unless the sidecar and PNG of an earlier run with the
-        same settings and models are intact, so the image need not be sampled again.
-        """
-        saved = read_saved_png(paths)
-        if saved is None:
-            return False
-        record, pixels = saved
-        check_same_plan(paths["sidecar"], plan, self.config, self.checkpoint_digests(plan))
-        stale = stale_files(paths, record)
+    def rewrite_from_png(self, paths: dict[str, Path], plan: ImagePlan, record: dict[str, Any],
+                         stale: set[str]) -> None:
+        """Write the ``stale`` preview, DICOM and OME-Zarr files from the intact saved PNG."""
+        with Image.open(paths["png"]) as image:
+            pixels = np.asarray(image).astype(np.uint16)
         write_image_files(paths, pixels, plan, record.get("spacing_mm"), self.config, stale)
         record.setdefault("config", {})["output"] = to_dict(self.config)["output"]
         record.update(file_records(paths))
         write_sidecar(paths["sidecar"], record)
         logger.info("%s: rewrote %s from the saved PNG", plan.name, ", ".join(sorted(stale)))
-        return True
 
 
 def check_labels(global_sampler, patch_sampler, label: str | None) -> None:
@@ -521,12 +493,11 @@ def synthesize_with(global_sampler, patch_sampler, out_dir: Path, config: SynthC
             plan = plan_image(index, config, global_sampler)
             name = plan.name
             outcome = synthesizer.run_image(plan)
-        except (ValueError, FileNotFoundError) as error:  # messages that name the fix
-            logger.error("%s failed: %s", name, error)
-            summary.failed.append((name, f"{type(error).__name__}: {error}"))
-            continue
         except Exception as error:  # one image's failure must not stop the others
-            logger.exception("%s failed", name)
+            if isinstance(error, (ValueError, FileNotFoundError)):  # messages that name the fix
+                logger.error("%s failed: %s", name, error)
+            else:
+                logger.exception("%s failed", name)
             summary.failed.append((name, f"{type(error).__name__}: {error}"))
             continue
         (summary.written if outcome == "written" else summary.skipped).append(name)
