@@ -584,9 +584,10 @@ class _BuildRun:
 
     def finish(self, files: list[SourceFile], manifest: Path | None, complete: bool) -> None:
         """Write catalog.csv, failed.csv, the manifest and, when ``complete``, the splits."""
-        self.write_catalog()
+        rows = self.catalog_rows()
+        write_catalog(self.store / CATALOG_NAME, rows)
         if complete:
-            write_kept_splits(self.store, self.settings.split_options(), self.catalog_rows())
+            write_kept_splits(self.store, self.settings.split_options(), rows)
         write_failures(self.store / FAILED_NAME, self.failures())
         with contextlib.suppress(OSError):
             (self.store / PARTIAL_FOLDER).rmdir()  # only when empty: no worker is writing
