@@ -314,10 +314,11 @@ def first_step(scheduler, strength: float) -> int:
     """Return the index of the first timestep to run for an SDEdit start of ``strength``.
 
     ``strength`` = 1 runs every timestep from pure noise. Below 1 the canvas starts from the
-    conditioning noised to the timestep at index ``steps - round_down(steps * strength)``
-    (SDEdit, Meng et al. 2022, "SDEdit: Guided Image Synthesis and Editing with Stochastic
-    Differential Equations"), so low frequencies of the level above are kept and fewer
-    model calls are spent.
+    conditioning noised to the timestep at index ``steps - max(1, floor(steps * strength))``,
+    so low frequencies of the level above are kept and fewer model calls are spent. This is
+    the start of SDEdit (Meng et al., "SDEdit: Guided Image Synthesis and Editing with
+    Stochastic Differential Equations", arXiv:2108.01073), which diffusers' image-to-image
+    pipelines use with the same meaning of ``strength``.
     """
     if not 0.0 < strength <= 1.0:
         raise ValueError(f"strength={strength}; use a value in (0, 1]")

@@ -105,8 +105,8 @@ def plan_image(index: int, config: SynthConfig, global_sampler) -> ImagePlan:
     return ImagePlan(index, label, native_size)
 
 
-# Largest tile as a multiple of the training patch size. The model never saw such contexts,
-# and the canvas is padded to whole tiles, so very large tiles only cost memory and time.
+# Largest tile, in training patch sizes. The canvas is padded to whole tiles, so a tile much
+# larger than the image only costs memory and time. NOTE: 8 is a chosen bound, not a measured one.
 MAX_TILE_FACTOR = 8
 
 

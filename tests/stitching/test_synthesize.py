@@ -146,7 +146,7 @@ def test_rerun_redoes_image_without_sidecar(tmp_path, checkpoints):
     assert np.array_equal(read_png(out_dir / "non_fractured_00001.png"), original)
 
 
-def test_rerun_redoes_image_with_truncated_png(tmp_path, checkpoints):
+def test_rerun_redoes_truncated_png(tmp_path, checkpoints):
     _, out_dir = run(tmp_path, checkpoints)
     png = out_dir / "non_fractured_00001.png"
     original = read_png(png)
@@ -157,7 +157,7 @@ def test_rerun_redoes_image_with_truncated_png(tmp_path, checkpoints):
     assert np.array_equal(read_png(png), original)
 
 
-def test_rerun_redoes_image_changed_in_place(tmp_path, checkpoints):
+def test_rerun_redoes_changed_file(tmp_path, checkpoints):
     _, out_dir = run(tmp_path, checkpoints, n=1)
     preview = out_dir / "fractured_00000.preview.png"
     preview.write_bytes(bytes(preview.stat().st_size))
@@ -167,7 +167,7 @@ def test_rerun_redoes_image_changed_in_place(tmp_path, checkpoints):
         assert image.size[0] > 0
 
 
-def test_rerun_redoes_image_with_missing_zarr_chunk(tmp_path, checkpoints):
+def test_rerun_redoes_missing_zarr_chunk(tmp_path, checkpoints):
     formats = ["png", "zarr"]
     _, out_dir = run(tmp_path, checkpoints, n=1, output__formats=formats)
     chunks = [p for p in (out_dir / "fractured_00000.ome.zarr").rglob("*")
@@ -177,7 +177,7 @@ def test_rerun_redoes_image_with_missing_zarr_chunk(tmp_path, checkpoints):
     assert summary.written == ["fractured_00000"]
 
 
-def test_explicit_size_above_max_megapixels_is_refused():
+def test_size_above_max_megapixels_rejected():
     with pytest.raises(ConfigError, match="max_megapixels"):
         config_for(size="100000x100000")
 
